@@ -1,0 +1,61 @@
+# vidstream: `make demo` and `make test` do all the set-up on a fresh machine.
+#
+#   make test                          # creates .venv (torch 2.13.0 CPU, triton), builds, tests
+#   make demo                          # same set-up, then the main job
+#   make test PYTHON=python3 VENV=     # use an existing Python with torch as it is (GPU machine)
+#
+# The venv is reused when present; the extension is rebuilt when a C++/CUDA source changes.
+
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+ifeq ($(strip $(VENV)),)
+PY := $(PYTHON)
+ENV_STAMP :=
+else
+PY := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.installed
+endif
+
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/kernels/*.cu csrc/kernels/*.h csrc/kernels/*.cuh)
+BUILD_STAMP := build/.ext-$(if $(strip $(VENV)),venv,system)
+
+.PHONY: all build test demo bench lint compile-check clean
+
+all: test
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip" "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q triton numpy ninja pytest expecttest ruff tqdm matplotlib
+	touch $@
+
+$(BUILD_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
+	@mkdir -p build
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: build
+	$(PY) bench/bench_rope.py
+
+bench: build
+	$(PY) bench/bench_rope.py
+
+lint: $(ENV_STAMP)
+	$(PY) -m ruff check .
+
+# The torch-free CUDA kernels for sm_80 and sm_90a; needs only nvcc.
+compile-check:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cmake -j2
+
+clean:
+	rm -rf build vidstream/_C*.so *.egg-info

@@ -1,0 +1,73 @@
+"""Helpers every kernel test uses: where a backend runs, poisoned outputs, and the flash-attn
+tolerance rule (a kernel's error against float64 at most about twice eager PyTorch's error in
+the same dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vidstream
+from vidstream import backend as _backend
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_pairs() -> list:
+    """(backend, device) for every kernel backend and device it could serve; tests skip the
+    pairs that cannot run here via ``require``."""
+    pairs = []
+    for b in KERNEL_BACKENDS:
+        for d in ("cpu", "cuda"):
+            if b == "cpu" and d == "cuda" or b == "cuda" and d == "cpu":
+                continue
+            pairs.append(pytest.param(b, d, id=f"{b}-{d}"))
+    return pairs
+
+
+def require(backend: str, op: str, device: str, dtype: torch.dtype):
+    """Skips the test when ``backend`` cannot run ``op`` on this device and dtype here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    why = _backend._usable(backend, op, torch.device(device), dtype)
+    if why is not None:
+        pytest.skip(f"{backend} cannot run {op} here: {why}")
+    if op not in _backend._registry or backend not in _backend._registry[op]:
+        pytest.skip(f"{backend} has no kernel for {op}")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fills ``t`` with NaN so that any element a kernel fails to write fails the comparison."""
+    return t.fill_(float("nan"))
+
+
+def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max |out - oracle| in float64; NaN anywhere counts as infinite error."""
+    d = (out.double() - oracle.double()).abs()
+    if d.numel() == 0:
+        return 0.0
+    if torch.isnan(d).any() or torch.isnan(out).any():
+        return float("inf")
+    return float(d.max())
+
+
+def assert_close_to_oracle(out, oracle, eager, *, factor: float = 2.0, what: str = ""):
+    """``out`` (kernel) and ``eager`` (eager PyTorch in the same dtype) against the float64
+    ``oracle``: err(out) <= factor * err(eager) + one unit of rounding of the output dtype."""
+    assert out.shape == oracle.shape, f"{what}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    assert out.dtype == eager.dtype, f"{what}: dtype {out.dtype} != {eager.dtype}"
+    e_out, e_eager = max_err(out, oracle), max_err(eager, oracle)
+    scale = float(oracle.abs().max()) if oracle.numel() else 0.0
+    floor = torch.finfo(out.dtype).eps * max(scale, 1e-30)
+    assert e_out <= factor * e_eager + floor, (
+        f"{what}: kernel error {e_out:.3e} > {factor} x eager error {e_eager:.3e} + {floor:.1e}")
+
+
+def run(backend: str, fn, *args, **kwargs):
+    with vidstream.use_backend(backend):
+        return fn(*args, **kwargs)

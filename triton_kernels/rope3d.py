@@ -1,0 +1,141 @@
+"""Triton kernels of rope3d and rope3d_shift_ (SPEC §3), registered with
+``torch.library.triton_op`` as ``vidstream::rope3d_triton`` and ``vidstream::rope3d_shift_triton_``.
+Angles come from float64 tables (``vidstream._rope_tables``); the kernels rotate in float32."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from vidstream._rope_tables import band_omega, cos_sin, rope_bands, temporal_angles
+
+
+@triton.jit
+def _rotate_store(x_ptr, o_ptr, offs, mask, cos, sin):
+    a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + offs + 1, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + offs, (a * cos - b * sin).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + offs + 1, (a * sin + b * cos).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope3d_kernel(x_ptr, o_ptr, tab_t, tab_h, tab_w,
+                   n_tokens, L, hw, width,
+                   sxb, sxl, sxh, sob, sol, soh,
+                   C_T: tl.constexpr, C_H: tl.constexpr, C_W: tl.constexpr, T_HEADS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: BLOCK_T tokens of one head, every rotation pair.
+    n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    tok_ok = n < n_tokens
+    b = n // L
+    i = n % L
+    f = i // hw
+    y = (i % hw) // width
+    xc = i % width
+    p = tl.arange(0, BLOCK_C)
+    is_t = p < C_T
+    is_h = (p >= C_T) & (p < C_T + C_H)
+    is_w = (p >= C_T + C_H) & (p < C_T + C_H + C_W)
+    th = h if T_HEADS > 1 else 0
+    t_idx = ((f[:, None] * T_HEADS + th) * C_T + p[None, :]) * 2
+    h_idx = (y[:, None] * C_H + (p[None, :] - C_T)) * 2
+    w_idx = (xc[:, None] * C_W + (p[None, :] - C_T - C_H)) * 2
+    m = tok_ok[:, None]
+    cos = tl.load(tab_t + t_idx, mask=m & is_t[None, :], other=0.0)
+    sin = tl.load(tab_t + t_idx + 1, mask=m & is_t[None, :], other=0.0)
+    cos += tl.load(tab_h + h_idx, mask=m & is_h[None, :], other=0.0)
+    sin += tl.load(tab_h + h_idx + 1, mask=m & is_h[None, :], other=0.0)
+    cos += tl.load(tab_w + w_idx, mask=m & is_w[None, :], other=0.0)
+    sin += tl.load(tab_w + w_idx + 1, mask=m & is_w[None, :], other=0.0)
+    pair_ok = m & (p[None, :] < C_T + C_H + C_W)
+    x_off = (b * sxb + i * sxl + h * sxh)[:, None] + 2 * p[None, :]
+    o_off = (b * sob + i * sol + h * soh)[:, None] + 2 * p[None, :]
+    a = tl.load(x_ptr + x_off, mask=pair_ok, other=0.0).to(tl.float32)
+    bb = tl.load(x_ptr + x_off + 1, mask=pair_ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + o_off, (a * cos - bb * sin).to(o_ptr.dtype.element_ty), mask=pair_ok)
+    tl.store(o_ptr + o_off + 1, (a * sin + bb * cos).to(o_ptr.dtype.element_ty), mask=pair_ok)
+
+
+@triton.jit
+def _rope3d_shift_kernel(pool_ptr, ranges_ptr, tab_ptr, heads, sb, sl, sh,
+                         C_T: tl.constexpr, T_HEADS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: BLOCK_T tokens of range r, one (batch, head); temporal pairs only.
+    r = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // heads
+    h = bh % heads
+    start = tl.load(ranges_ptr + 2 * r)
+    end = tl.load(ranges_ptr + 2 * r + 1)
+    tok = start + tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    p = tl.arange(0, BLOCK_C)
+    pmask = p < C_T
+    th = h if T_HEADS > 1 else 0
+    tab = tab_ptr + ((r * T_HEADS + th) * C_T + p) * 2
+    cos = tl.load(tab, mask=pmask, other=1.0)[None, :]
+    sin = tl.load(tab + 1, mask=pmask, other=0.0)[None, :]
+    offs = (b * sb + tok * sl + h * sh)[:, None] + 2 * p[None, :]
+    mask = (tok < end)[:, None] & pmask[None, :]
+    _rotate_store(pool_ptr, pool_ptr, offs, mask, cos, sin)
+
+
+def _pow2(n: int) -> int:
+    return max(1, triton.next_power_of_2(n))
+
+
+@triton_op("vidstream::rope3d_triton", mutates_args=())
+def rope3d_triton(x: torch.Tensor, frames: int, height: int, width: int, frame_offset: float,
+                  theta: float, t_theta: Optional[torch.Tensor]) -> torch.Tensor:
+    B, L, H, D = x.shape
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    c_t, c_h, c_w = rope_bands(D)
+    dev = x.device
+    pos_t = torch.arange(frames, dtype=torch.float64, device=dev) + frame_offset
+    tab_t = cos_sin(temporal_angles(pos_t, c_t, theta, t_theta))
+    tab_h = cos_sin(torch.arange(height, dtype=torch.float64, device=dev)[:, None]
+                    * band_omega(c_h, theta, dev)[None])
+    tab_w = cos_sin(torch.arange(width, dtype=torch.float64, device=dev)[:, None]
+                    * band_omega(c_w, theta, dev)[None])
+    block_t = 16
+    grid = (triton.cdiv(B * L, block_t), H)
+    wrap_triton(_rope3d_kernel)[grid](
+        x, out, tab_t, tab_h, tab_w, B * L, L, height * width, width,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        C_T=c_t, C_H=c_h, C_W=c_w, T_HEADS=tab_t.shape[1], BLOCK_T=block_t,
+        BLOCK_C=_pow2(c_t + c_h + c_w))
+    return out
+
+
+@rope3d_triton.register_fake
+def _(x, frames, height, width, frame_offset, theta, t_theta):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@triton_op("vidstream::rope3d_shift_triton_", mutates_args=("k_pool",))
+def rope3d_shift_triton_(k_pool: torch.Tensor, ranges: torch.Tensor, delta_frames: torch.Tensor,
+                         theta: float, t_theta: Optional[torch.Tensor], max_range_len: int) -> None:
+    B, P, H, D = k_pool.shape
+    R = ranges.shape[0]
+    if k_pool.numel() == 0 or R == 0 or max_range_len == 0:
+        return
+    c_t = rope_bands(D)[0]
+    tab = cos_sin(temporal_angles(delta_frames.to(k_pool.device, torch.float64), c_t, theta, t_theta))
+    block_t = 16
+    grid = (triton.cdiv(max_range_len, block_t), R, B * H)
+    wrap_triton(_rope3d_shift_kernel)[grid](
+        k_pool, ranges, tab, H, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        C_T=c_t, T_HEADS=tab.shape[1], BLOCK_T=block_t, BLOCK_C=_pow2(c_t))
+
+
+@rope3d_shift_triton_.register_fake
+def _(k_pool, ranges, delta_frames, theta, t_theta, max_range_len):
+    return None

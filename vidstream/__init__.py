@@ -1,0 +1,30 @@
+"""vidstream: fused kernels and a bounded KV cache for streaming video diffusion transformers.
+
+The ops follow the contract in SPEC.md. Each has a ``reference`` (eager PyTorch) backend and,
+where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()`` and
+``vidstream.use_backend``."""
+
+from . import _extension, reference
+from .attention import cached_attention, chunk_attention
+from .backend import backend_for, backends, use_backend
+from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .rope import rope3d, rope3d_shift_
+from .selection import select_blocks
+
+__version__ = "0.1.0"
+
+_extension.load()
+
+__all__ = [
+    "backend_for",
+    "backends",
+    "cached_attention",
+    "chunk_attention",
+    "lowrank_cached_attention",
+    "lowrank_decompress",
+    "reference",
+    "rope3d",
+    "rope3d_shift_",
+    "select_blocks",
+    "use_backend",
+]

@@ -1,0 +1,34 @@
+"""Public chunk-causal attention ops (SPEC §1, §2). Reference backend only, until the kernels
+of the attention issue land."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate, backend, reference
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frame_tokens: int,
+                    chunk_frames: int, sink_frames: int = 0, window_frames: int | None = None,
+                    scale: float | None = None, return_lse: bool = False):
+    """Full-sequence chunk-causal sink + window attention (SPEC §1). ``q`` [B, L, H, D],
+    ``k`` [B, L, H_kv, D], ``v`` [B, L, H_kv, Dv]; returns ``out`` [B, L, H, Dv] and, with
+    ``return_lse``, the float32 log-sum-exp [B, H, L]."""
+    _validate.chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
+    scale = _validate.scale_value(scale, q.shape[3])
+    return backend.resolve("chunk_attention", q)(
+        q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale, return_lse)
+
+
+def cached_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv_ranges, *,
+                     scale: float | None = None, return_lse: bool = False):
+    """One chunk's queries ``q`` [B, Lq, H, D] against the union of the token ranges
+    ``kv_ranges`` [R, 2] of a pool ``k_pool`` [B, P, H_kv, D], ``v_pool`` [B, P, H_kv, Dv]
+    (SPEC §2). An empty union gives zeros and ``lse = -inf``."""
+    host = _validate.cached_attention(q, k_pool, v_pool, kv_ranges)
+    scale = _validate.scale_value(scale, q.shape[3])
+    return backend.resolve("cached_attention", q)(q, k_pool, v_pool, host, scale, return_lse)
+
+
+backend.register("chunk_attention", "reference", reference._chunk_attention)
+backend.register("cached_attention", "reference", reference._cached_attention)
