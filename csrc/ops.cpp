@@ -1,5 +1,6 @@
 // Every vidstream operator schema, in one place. Backends register implementations in
-// TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/); fake kernels live in vidstream/_fake.py.
+// TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/); the fake kernels sit beside each op's
+// Python entry point (vidstream/<op family>.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,6 +14,14 @@ TORCH_LIBRARY(vidstream, m) {
   m.def(
       "rope3d_shift_(Tensor(a!) k_pool, Tensor ranges, Tensor delta_frames, "
       "float theta=10000., Tensor? t_theta=None) -> ()");
+
+  // SPEC §1, §2: chunk-causal attention (schemas added by the attention work).
+
+  // SPEC §4: low-rank latent KV (schemas added by the low-rank work).
+
+  // SPEC §5: top-k mid-block selection (schemas added by the selection work).
+
+  // SPEC §6: streaming cache helpers (schemas added by the streaming work).
 }
 
 // `import vidstream._C` loads this library and so runs the registrations above.

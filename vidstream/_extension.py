@@ -16,10 +16,7 @@ def load() -> bool:
     global _loaded, _error
     if _loaded is None:
         try:
-            from . import (
-                _C,  # noqa: F401
-                _fake,  # noqa: F401
-            )
+            from . import _C  # noqa: F401
 
             _loaded = True
         except (ImportError, OSError) as e:
@@ -37,3 +34,15 @@ def load() -> bool:
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``vidstream::op`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"vidstream::{op}", dispatch_key)
+
+
+def register_fake(op: str):
+    """``torch.library.register_fake`` for the C++ op ``vidstream::op``, skipped (with the op)
+    when the extension did not load."""
+
+    def wrap(fn):
+        if load():
+            torch.library.register_fake(f"vidstream::{op}")(fn)
+        return fn
+
+    return wrap

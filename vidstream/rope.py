@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate, backend, reference
+from . import _extension, _validate, backend, reference
 
 
 def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
@@ -47,6 +47,16 @@ def _rope3d_shift_triton(k_pool, ranges, delta, theta, t_theta):
     max_len = int((ranges[:, 1] - ranges[:, 0]).max()) if ranges.shape[0] else 0
     kernels.rope3d_shift_triton_(k_pool, ranges.to(k_pool.device), delta, float(theta), t_theta,
                                  max_len)
+
+
+@_extension.register_fake("rope3d")
+def _rope3d_fake(x, frames, height, width, frame_offset=0.0, theta=10000.0, t_theta=None):
+    return torch.empty_like(x)
+
+
+@_extension.register_fake("rope3d_shift_")
+def _rope3d_shift_fake(k_pool, ranges, delta_frames, theta=10000.0, t_theta=None):
+    return None
 
 
 backend.register("rope3d", "reference", reference._rope3d)
