@@ -1,6 +1,6 @@
 // CUDA binding of rope3d and rope3d_shift_: checks inputs, builds the float64-derived tables,
 // fills the params struct and launches the torch-free kernels of csrc/kernels/rope3d.cu.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/rope3d.h"
@@ -37,7 +37,7 @@ at::Tensor rope3d_cuda(const at::Tensor& x_in, int64_t frames, int64_t height, i
               "grid (F, h, w) = (", frames, ", ", height, ", ", width,
               ") must have F*h*w == L = ", x_in.size(1));
   check_t_theta(t_theta, x_in);
-  const at::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = pair_aligned(x_in) ? x_in : x_in.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
@@ -67,7 +67,7 @@ at::Tensor rope3d_cuda(const at::Tensor& x_in, int64_t frames, int64_t height, i
   p.table_h = tab.height.data_ptr<float>();
   p.table_w = tab.width.data_ptr<float>();
   p.t_heads = static_cast<int>(tab.temporal.size(1));
-  check_launch(launch_rope3d(p, at::cuda::getCurrentCUDAStream().stream()), "rope3d");
+  check_launch(launch_rope3d(p, c10::cuda::getCurrentCUDAStream().stream()), "rope3d");
   return out;
 }
 
@@ -79,7 +79,7 @@ void rope3d_shift_cuda(at::Tensor& k_pool, const at::Tensor& ranges, const at::T
               "k_pool must have even strides and an address aligned to two elements "
               "(the kernel rotates pairs in place with vector loads)");
   check_t_theta(t_theta, k_pool);
-  const at::cuda::CUDAGuard guard(k_pool.device());
+  const c10::cuda::CUDAGuard guard(k_pool.device());
   const auto host_ranges = checked_ranges(ranges, k_pool.size(1));
   const int64_t num_ranges = static_cast<int64_t>(host_ranges.size());
   const at::Tensor table =
@@ -104,7 +104,7 @@ void rope3d_shift_cuda(at::Tensor& k_pool, const at::Tensor& ranges, const at::T
   p.c_t = static_cast<int>(rope_bands(k_pool.size(3)).c_t);
   p.table = table.data_ptr<float>();
   p.t_heads = static_cast<int>(table.size(1));
-  check_launch(launch_rope3d_shift(p, at::cuda::getCurrentCUDAStream().stream()), "rope3d_shift_");
+  check_launch(launch_rope3d_shift(p, c10::cuda::getCurrentCUDAStream().stream()), "rope3d_shift_");
 }
 
 }  // namespace
