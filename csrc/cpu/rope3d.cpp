@@ -3,21 +3,88 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/multiversion.h"
 #include "rope3d_common.h"
 
 namespace vidstream {
 namespace {
 
-// Rotates n adjacent pairs (x[2p], x[2p+1]) by the (cos, sin) pairs of `cs`.
+// Conversions to and from float32. c10's bfloat16 rounding branches on NaN, which keeps the
+// compiler from vectorizing the loop; this select-based version rounds to nearest even with the
+// same results, NaN included.
 template <typename T>
-inline void rotate_pairs(const T* src, T* dst, const float* cs, int64_t n) {
-  for (int64_t p = 0; p < n; ++p) {
-    const float a = static_cast<float>(src[2 * p]);
-    const float b = static_cast<float>(src[2 * p + 1]);
-    const float c = cs[2 * p], s = cs[2 * p + 1];
-    dst[2 * p] = static_cast<T>(a * c - b * s);
-    dst[2 * p + 1] = static_cast<T>(a * s + b * c);
+struct Convert {
+  static inline float load(T v) { return static_cast<float>(v); }
+  static inline T store(float f) { return static_cast<T>(f); }
+};
+template <>
+struct Convert<c10::BFloat16> {
+  static inline float load(c10::BFloat16 v) {
+    const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
   }
+  static inline c10::BFloat16 store(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = f != f ? 0x7FC0u : r;
+    return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+  }
+};
+
+// Rotates n adjacent pairs (x[2p], x[2p+1]) by the (cos, sin) pairs of `cs`. The pairs go
+// through local float buffers: in place (src == dst) a direct loop would fail the compiler's
+// run-time overlap check and fall back to scalar code.
+template <typename T>
+inline void rotate_pairs(const T* src, T* dst, const float* __restrict__ cs, int64_t n) {
+  using C = Convert<T>;
+  constexpr int64_t kChunk = 64;
+  float a[kChunk], b[kChunk];
+  for (int64_t p0 = 0; p0 < n; p0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - p0);
+    const T* s = src + 2 * p0;
+    const float* t = cs + 2 * p0;
+    for (int64_t p = 0; p < m; ++p) {
+      a[p] = C::load(s[2 * p]);
+      b[p] = C::load(s[2 * p + 1]);
+    }
+    T* d = dst + 2 * p0;
+    for (int64_t p = 0; p < m; ++p) {
+      d[2 * p] = C::store(a[p] * t[2 * p] - b[p] * t[2 * p + 1]);
+      d[2 * p + 1] = C::store(a[p] * t[2 * p + 1] + b[p] * t[2 * p]);
+    }
+  }
+}
+
+// One token, every head: the three bands, each with its own row of the tables.
+template <typename T>
+VIDSTREAM_MULTIVERSION void rope3d_token(const T* src, T* dst, int64_t heads, int64_t src_stride_h,
+                                         int64_t dst_stride_h, int64_t head_dim, RopeBands bands,
+                                         const float* cs_t, int64_t cs_t_head_stride,
+                                         const float* cs_h, const float* cs_w) {
+  const int64_t o_h = 2 * bands.c_t, o_w = 2 * (bands.c_t + bands.c_h);
+  const int64_t o_end = 2 * (bands.c_t + bands.c_h + bands.c_w);
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* s = src + h * src_stride_h;
+    T* d = dst + h * dst_stride_h;
+    rotate_pairs(s, d, cs_t + h * cs_t_head_stride, bands.c_t);
+    rotate_pairs(s + o_h, d + o_h, cs_h, bands.c_h);
+    rotate_pairs(s + o_w, d + o_w, cs_w, bands.c_w);
+    for (int64_t k = o_end; k < head_dim; ++k) d[k] = s[k];
+  }
+}
+
+// One token of a range, every head: the temporal band only, in place.
+template <typename T>
+VIDSTREAM_MULTIVERSION void shift_token(T* x, int64_t heads, int64_t stride_h, const float* cs,
+                                        int64_t cs_head_stride, int64_t c_t) {
+  for (int64_t h = 0; h < heads; ++h) rotate_pairs(x + h * stride_h, x + h * stride_h,
+                                                   cs + h * cs_head_stride, c_t);
 }
 
 template <typename T>
@@ -38,18 +105,9 @@ void rope3d_cpu_kernel(const at::Tensor& x, at::Tensor& out, const Rope3dTables&
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / L, i = n % L;
       const int64_t f = i / hw, y = (i % hw) / width, c = i % width;
-      const float* cs_h = th + y * bands.c_h * 2;
-      const float* cs_w = tw + c * bands.c_w * 2;
-      for (int64_t h = 0; h < H; ++h) {
-        const T* src = xp + b * sxb + i * sxl + h * sxh;
-        T* dst = op + b * sob + i * sol + h * soh;
-        const float* cs_t = tt + (f * t_heads + (t_heads > 1 ? h : 0)) * bands.c_t * 2;
-        rotate_pairs(src, dst, cs_t, bands.c_t);
-        rotate_pairs(src + 2 * bands.c_t, dst + 2 * bands.c_t, cs_h, bands.c_h);
-        rotate_pairs(src + 2 * (bands.c_t + bands.c_h), dst + 2 * (bands.c_t + bands.c_h), cs_w,
-                     bands.c_w);
-        for (int64_t d = 2 * (bands.c_t + bands.c_h + bands.c_w); d < D; ++d) dst[d] = src[d];
-      }
+      rope3d_token(xp + b * sxb + i * sxl, op + b * sob + i * sol, H, sxh, soh, D, bands,
+                   tt + f * t_heads * bands.c_t * 2, t_heads > 1 ? bands.c_t * 2 : 0,
+                   th + y * bands.c_h * 2, tw + c * bands.c_w * 2);
     }
   });
 }
@@ -74,10 +132,8 @@ void rope3d_shift_cpu_kernel(at::Tensor& pool, const std::vector<std::pair<int32
       const int64_t b = n / total, k = n % total;
       const int64_t r = std::upper_bound(offsets.begin(), offsets.end(), k) - offsets.begin() - 1;
       const int64_t i = ranges[r].first + (k - offsets[r]);
-      for (int64_t h = 0; h < H; ++h) {
-        T* x = pp + b * sb + i * sl + h * sh;
-        rotate_pairs(x, x, tab + (r * t_heads + (t_heads > 1 ? h : 0)) * c_t * 2, c_t);
-      }
+      shift_token(pp + b * sb + i * sl, H, sh, tab + r * t_heads * c_t * 2,
+                  t_heads > 1 ? c_t * 2 : 0, c_t);
     }
   });
 }

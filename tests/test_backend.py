@@ -1,0 +1,108 @@
+"""Which backend runs: defaults, overrides, and the errors for a backend that can't run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vidstream
+from vidstream import backend
+
+
+def test_backends_lists_what_runs_here():
+    names = vidstream.backends()
+    assert names[0] == "reference"
+    assert ("cpu" in names) == vidstream._extension.load()
+    assert ("cuda" in names) == (torch.cuda.is_available() and vidstream._extension.has_kernel(
+        "rope3d", "CUDA"))
+
+
+def test_default_on_cpu_is_the_cpp_kernel():
+    pytest.importorskip("vidstream._C")
+    x = torch.randn(1, 4, 2, 64)
+    assert vidstream.backend_for("rope3d", x) == "cpu"
+    # float64 has no kernel: the reference serves it.
+    assert vidstream.backend_for("rope3d", x.double()) == "reference"
+    # Ops without a kernel yet run on the reference.
+    assert vidstream.backend_for("select_blocks", x) in ("reference", "cpu")
+
+
+def test_use_backend_overrides_and_nests():
+    x = torch.randn(1, 4, 2, 64)
+    with vidstream.use_backend("reference"):
+        assert vidstream.backend_for("rope3d", x) == "reference"
+        if "cpu" in vidstream.backends():
+            with vidstream.use_backend("cpu"):
+                assert vidstream.backend_for("rope3d", x) == "cpu"
+        assert vidstream.backend_for("rope3d", x) == "reference"
+
+
+def test_backend_that_cannot_run_names_the_available_ones():
+    x = torch.randn(1, 4, 2, 64)
+    with vidstream.use_backend("cuda"):
+        with pytest.raises(ValueError, match="backend 'cuda' cannot run vidstream.rope3d on torch.float32 "
+                                             "cpu tensors.*Available for these inputs: reference"):
+            vidstream.rope3d(x, grid=(1, 2, 2))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*reference, cpu, triton, cuda"):
+        with vidstream.use_backend("fast"):
+            pass
+
+
+def test_cuda_tensors_default_to_gpu_validated_backends_only(monkeypatch):
+    """A CUDA tensor never defaults to a kernel that has not passed the suite on a GPU."""
+    monkeypatch.setattr(backend, "_usable", lambda name, op, device, dtype: None)
+
+    class Cuda:
+        device, dtype = torch.device("cuda"), torch.float32
+
+    for op, impls in backend._registry.items():
+        picked = backend.resolve(op, Cuda)
+        validated = [n for n in ("cuda", "triton") if n in impls and impls[n].gpu_validated]
+        want = impls[validated[0]].fn if validated else impls["reference"].fn
+        assert picked is want, op
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_env_override():
+    r = _run("import torch, vidstream; print(vidstream.backend_for('rope3d', torch.randn(1, 4, 2, 64)))",
+             VIDSTREAM_BACKEND="reference")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "reference"
+
+
+def test_env_override_rejects_unknown_name():
+    r = _run("import vidstream", VIDSTREAM_BACKEND="magic")
+    assert r.returncode != 0 and "VIDSTREAM_BACKEND: unknown backend 'magic'" in r.stderr
+
+
+def test_import_without_extension_warns_once_and_still_works():
+    # Hide vidstream._C from the import system, as if it were never built.
+    code = (
+        "import sys, warnings, torch\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vidstream._C': raise ImportError('hidden for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import vidstream\n"
+        "    vidstream.backends()\n"
+        "    x = torch.randn(1, 4, 2, 64)\n"
+        "    y = vidstream.rope3d(x, grid=(1, 2, 2))\n"
+        "msgs = [str(m.message) for m in w if 'vidstream._C' in str(m.message)]\n"
+        "print(len(msgs), vidstream.backends(), vidstream.backend_for('rope3d', x))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    count, *rest = r.stdout.split(maxsplit=1)
+    assert count == "1", r.stdout
+    assert "'cpu'" not in rest[0] and rest[0].strip().endswith("reference")
