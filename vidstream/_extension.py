@@ -9,6 +9,7 @@ import torch
 
 _loaded = None
 _error = None
+_kernels: dict[str, frozenset] = {}  # dispatch key -> ops with a kernel for it
 
 
 def load() -> bool:
@@ -32,8 +33,20 @@ def load() -> bool:
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``vidstream::op`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"vidstream::{op}", dispatch_key)
+    """Whether ``vidstream::op`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA"). Looked up
+    once, so that backend resolution inside torch.compile is plain Python."""
+    if not load():
+        return False
+    if dispatch_key not in _kernels:
+        names = torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+        _kernels[dispatch_key] = frozenset(n.split("::", 1)[1].split(".")[0] for n in names
+                                           if n.startswith("vidstream::"))
+    return op in _kernels[dispatch_key]
+
+
+def built_with_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernels (``VIDSTREAM_BUILD_CUDA``)."""
+    return has_kernel("rope3d", "CUDA")
 
 
 def register_fake(op: str):

@@ -67,7 +67,7 @@ def _usable(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
     if backend == "cuda":
         if device.type != "cuda":
             return "the cuda backend takes CUDA tensors"
-        return None if _extension.has_kernel(op, "CUDA") else (
+        return None if _extension.built_with_cuda() else (
             "vidstream._C was built without CUDA kernels (VIDSTREAM_BUILD_CUDA)")
     mode = _triton_mode()  # triton
     if mode is None:
