@@ -18,12 +18,15 @@ ElemType elem_type(const at::Tensor& t) {
   }
 }
 
-// The kernels load a pair as one 2-element vector.
-bool pair_aligned(const at::Tensor& t) {
+// Whether every head row of t starts at a multiple of `elems` elements, so the kernels can
+// access `elems` elements at a time.
+bool rows_aligned(const at::Tensor& t, int64_t elems) {
   const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return addr % (2 * t.element_size()) == 0 && t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 &&
-         t.stride(2) % 2 == 0;
+  return addr % (elems * t.element_size()) == 0 && t.stride(0) % elems == 0 &&
+         t.stride(1) % elems == 0 && t.stride(2) % elems == 0;
 }
+
+bool pair_aligned(const at::Tensor& t) { return rows_aligned(t, 2); }
 
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, what, " launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -67,6 +70,7 @@ at::Tensor rope3d_cuda(const at::Tensor& x_in, int64_t frames, int64_t height, i
   p.table_h = tab.height.data_ptr<float>();
   p.table_w = tab.width.data_ptr<float>();
   p.t_heads = static_cast<int>(tab.temporal.size(1));
+  p.vec_pairs = (x.size(3) % 4 == 0 && rows_aligned(x, 4) && rows_aligned(out, 4)) ? 2 : 1;
   check_launch(launch_rope3d(p, c10::cuda::getCurrentCUDAStream().stream()), "rope3d");
   return out;
 }
@@ -104,6 +108,7 @@ void rope3d_shift_cuda(at::Tensor& k_pool, const at::Tensor& ranges, const at::T
   p.c_t = static_cast<int>(rope_bands(k_pool.size(3)).c_t);
   p.table = table.data_ptr<float>();
   p.t_heads = static_cast<int>(table.size(1));
+  p.vec_pairs = (p.c_t % 2 == 0 && rows_aligned(k_pool, 4)) ? 2 : 1;
   check_launch(launch_rope3d_shift(p, c10::cuda::getCurrentCUDAStream().stream()), "rope3d_shift_");
 }
 

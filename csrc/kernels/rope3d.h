@@ -22,6 +22,8 @@ struct Rope3dParams {
   const float* table_h;       // [height, c_h, 2]
   const float* table_w;       // [width, c_w, 2]
   int t_heads;                // 1, or heads when each head has its own temporal theta
+  int vec_pairs;              // pairs per vector access: 2 when D/2 is even and x, out are
+                              // aligned to 4 elements, else 1
 };
 
 // In-place temporal re-rotation of the token ranges of pool [B, P, H, D].
@@ -36,6 +38,8 @@ struct Rope3dShiftParams {
   int c_t;
   const float* table;  // [R, t_heads, c_t, 2] (cos, sin)
   int t_heads;
+  int vec_pairs;  // pairs per vector access: 2 when c_t is even and the pool is aligned to 4
+                  // elements, else 1
 };
 
 // Both return 0 on success or a cudaError_t value.
