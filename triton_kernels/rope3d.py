@@ -15,11 +15,12 @@ from vidstream._rope_tables import band_omega, cos_sin, rope_bands, temporal_ang
 
 
 @triton.jit
-def _rotate_store(x_ptr, o_ptr, offs, mask, cos, sin):
-    a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + offs + 1, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o_ptr + offs, (a * cos - b * sin).to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_ptr + offs + 1, (a * sin + b * cos).to(o_ptr.dtype.element_ty), mask=mask)
+def _rotate_rows(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rotates the adjacent pairs of contiguous rows x [BLOCK_T, 2*BLOCK_C] (loaded with wide,
+    coalesced accesses) by cos, sin [BLOCK_T or 1, BLOCK_C]; float32 result of the same shape."""
+    a, b = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_C, 2)))
+    out = tl.join(a * cos - b * sin, a * sin + b * cos)
+    return tl.reshape(out, (BLOCK_T, 2 * BLOCK_C))
 
 
 @triton.jit
@@ -52,20 +53,19 @@ def _rope3d_kernel(x_ptr, o_ptr, tab_t, tab_h, tab_w,
     sin += tl.load(tab_h + h_idx + 1, mask=m & is_h[None, :], other=0.0)
     cos += tl.load(tab_w + w_idx, mask=m & is_w[None, :], other=0.0)
     sin += tl.load(tab_w + w_idx + 1, mask=m & is_w[None, :], other=0.0)
-    pair_ok = m & (p[None, :] < C_T + C_H + C_W)
-    x_off = (b * sxb + i * sxl + h * sxh)[:, None] + 2 * p[None, :]
-    o_off = (b * sob + i * sol + h * soh)[:, None] + 2 * p[None, :]
-    a = tl.load(x_ptr + x_off, mask=pair_ok, other=0.0).to(tl.float32)
-    bb = tl.load(x_ptr + x_off + 1, mask=pair_ok, other=0.0).to(tl.float32)
-    tl.store(o_ptr + o_off, (a * cos - bb * sin).to(o_ptr.dtype.element_ty), mask=pair_ok)
-    tl.store(o_ptr + o_off + 1, (a * sin + bb * cos).to(o_ptr.dtype.element_ty), mask=pair_ok)
+    d = tl.arange(0, 2 * BLOCK_C)
+    mask = m & (d[None, :] < 2 * (C_T + C_H + C_W))
+    x = tl.load(x_ptr + (b * sxb + i * sxl + h * sxh)[:, None] + d[None, :], mask=mask, other=0.0)
+    out = _rotate_rows(x, cos, sin, BLOCK_T, BLOCK_C)
+    tl.store(o_ptr + (b * sob + i * sol + h * soh)[:, None] + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope3d_shift_kernel(pool_ptr, ranges_ptr, tab_ptr, heads, sb, sl, sh,
                          C_T: tl.constexpr, T_HEADS: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # One program: BLOCK_T tokens of range r, one (batch, head); temporal pairs only.
+    # One program: BLOCK_T tokens of range r, one (batch, head); the temporal band only.
     r = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // heads
@@ -74,14 +74,16 @@ def _rope3d_shift_kernel(pool_ptr, ranges_ptr, tab_ptr, heads, sb, sl, sh,
     end = tl.load(ranges_ptr + 2 * r + 1)
     tok = start + tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     p = tl.arange(0, BLOCK_C)
-    pmask = p < C_T
     th = h if T_HEADS > 1 else 0
     tab = tab_ptr + ((r * T_HEADS + th) * C_T + p) * 2
-    cos = tl.load(tab, mask=pmask, other=1.0)[None, :]
-    sin = tl.load(tab + 1, mask=pmask, other=0.0)[None, :]
-    offs = (b * sb + tok * sl + h * sh)[:, None] + 2 * p[None, :]
-    mask = (tok < end)[:, None] & pmask[None, :]
-    _rotate_store(pool_ptr, pool_ptr, offs, mask, cos, sin)
+    cos = tl.load(tab, mask=p < C_T, other=1.0)[None, :]
+    sin = tl.load(tab + 1, mask=p < C_T, other=0.0)[None, :]
+    d = tl.arange(0, 2 * BLOCK_C)
+    offs = (b * sb + tok * sl + h * sh)[:, None] + d[None, :]
+    mask = (tok < end)[:, None] & (d[None, :] < 2 * C_T)
+    x = tl.load(pool_ptr + offs, mask=mask, other=0.0)
+    out = _rotate_rows(x, cos, sin, BLOCK_T, BLOCK_C)
+    tl.store(pool_ptr + offs, out.to(pool_ptr.dtype.element_ty), mask=mask)
 
 
 def _pow2(n: int) -> int:
