@@ -8,6 +8,7 @@ from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
 from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .kv_store import rope3d_store_
 from .rope import rope3d, rope3d_shift_
 from .selection import select_blocks
 
@@ -25,6 +26,7 @@ __all__ = [
     "reference",
     "rope3d",
     "rope3d_shift_",
+    "rope3d_store_",
     "select_blocks",
     "use_backend",
 ]
