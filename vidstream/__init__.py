@@ -7,7 +7,10 @@ where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.b
 from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
+from .cache import CacheConfig, NaiveKVCache, PoolCompressor, StreamingKVCache
 from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .model import DiTConfig, FullSequenceAttention, StreamingDiT
+from .pipeline import StreamingGenerator
 from .kv_store import rope3d_store_
 from .rope import rope3d, rope3d_shift_
 from .selection import select_blocks
@@ -17,6 +20,14 @@ __version__ = "0.1.0"
 _extension.load()
 
 __all__ = [
+    "CacheConfig",
+    "DiTConfig",
+    "FullSequenceAttention",
+    "NaiveKVCache",
+    "PoolCompressor",
+    "StreamingDiT",
+    "StreamingGenerator",
+    "StreamingKVCache",
     "backend_for",
     "backends",
     "cached_attention",
