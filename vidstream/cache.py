@@ -222,7 +222,7 @@ class StreamingKVCache:
                                ranges=[[0, (first + frames) * self.hw]])
             self._selected = [False] * self.num_layers
             return
-        if self.ring_len == self.ring_chunks - 1:
+        while self.ring_len > self.cfg.recent_frames // C:
             self._evict_oldest()
         n_active = self._n_active()
         qpos = float(cfg.sink_frames + (n_active + self.ring_len) * C)
@@ -418,7 +418,7 @@ class NaiveKVCache:
     def begin_chunk(self, frames: int):
         cfg, C = self.cfg, self.cfg.chunk_frames
         sink = self.frames_done < cfg.sink_frames
-        if not sink and len(self.recent) == cfg.recent_frames // C:
+        while not sink and len(self.recent) > cfg.recent_frames // C:
             c = self.chunks[self.recent.pop(0)]
             for layer in range(self.num_layers):
                 if not cfg.mid_blocks:

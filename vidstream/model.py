@@ -181,9 +181,9 @@ class StreamingDiT(nn.Module):
     """Wan2.1-shaped DiT. ``StreamingDiT("tiny", seed=0)`` or ``StreamingDiT(DiTConfig(...))``;
     random weights are drawn from ``seed``."""
 
-    def __init__(self, config="tiny", *, seed: int = 0, dtype=torch.float32, device="cpu"):
+    def __init__(self, config="tiny", *, seed: int = 0, dtype=torch.float32, device=None):
         super().__init__()
-        cfg = PRESETS[config] if isinstance(config, str) else config
+        cfg = PRESETS.get(config) if isinstance(config, str) else config
         if not isinstance(cfg, DiTConfig):
             raise ValueError(f"config must be a preset name {sorted(PRESETS)} or a DiTConfig, got {config!r}")
         if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
@@ -231,7 +231,8 @@ class StreamingDiT(nn.Module):
         (zero-padded to ``text_len`` like Wan), computed once per video."""
         cfg = self.config
         if text.dim() != 3 or text.shape[2] != cfg.text_dim:
-            raise ValueError(f"text embeddings must be [B, Lt, text_dim={cfg.text_dim}], got {tuple(text.shape)}")
+            raise ValueError(f"text embeddings must be [B, Lt, text_dim={cfg.text_dim}], "
+                             f"got {tuple(text.shape)}")
         if text.shape[1] < cfg.text_len:
             text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[1]))
         ctx = self.text_embedding(text.to(self.device, self.dtype))
