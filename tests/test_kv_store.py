@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import vidstream
-from vidstream import reference
 from tests.numerics import assert_close_to_oracle, backend_device_pairs, poison_, require, run
+from vidstream import reference
 
 # (B, F, h, w, H_kv, D, Dv, pool tokens)
 SHAPES = [

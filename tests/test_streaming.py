@@ -232,7 +232,6 @@ def test_config_errors():
 
 
 def test_naive_cache_is_a_cache_protocol_twin():
-    m = _model()
     c = NaiveKVCache(num_layers=2, config=CacheConfig(), frame_shape=(4, 4))
     assert c.nbytes == 0
     assert vidstream.StreamingKVCache is StreamingKVCache

@@ -8,10 +8,10 @@ from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
 from .cache import CacheConfig, NaiveKVCache, PoolCompressor, StreamingKVCache
+from .kv_store import rope3d_store_
 from .lowrank import lowrank_cached_attention, lowrank_decompress
 from .model import DiTConfig, FullSequenceAttention, StreamingDiT
 from .pipeline import StreamingGenerator
-from .kv_store import rope3d_store_
 from .rope import rope3d, rope3d_shift_
 from .selection import select_blocks
 

@@ -40,7 +40,8 @@ def _run(model, text, args, backend, label, keep_chunks):
         from tqdm import tqdm
     except ImportError:  # a plain counter without tqdm
         tqdm = None
-    bar = tqdm(total=args.frames, desc=label, unit="frame", dynamic_ncols=True, file=sys.stdout) if tqdm else None
+    bar = None if tqdm is None else tqdm(total=args.frames, desc=label, unit="frame", dynamic_ncols=True,
+                                         file=sys.stdout)
     rows, chunks, done = [], [], 0
     t_start = time.perf_counter()
     stream = gen.stream(text, args.frames)
@@ -68,6 +69,15 @@ def _run(model, text, args, backend, label, keep_chunks):
                 cache_bytes=gen.cache.nbytes, max_position=gen.cache.max_position)
 
 
+def _rolling_median(xs, n):
+    """Median of the last n values at each point: the trend under one-off stalls of a shared machine."""
+    out = []
+    for i in range(len(xs)):
+        w = sorted(xs[max(0, i - n + 1):i + 1])
+        out.append(w[len(w) // 2])
+    return out
+
+
 def _plot(path, fused, eager, title):
     import matplotlib
 
@@ -80,7 +90,9 @@ def _plot(path, fused, eager, title):
         if res is None:
             continue
         f = [r["frame"] for r in res["rows"]]
-        ax_t.plot(f, [r["ms"] for r in res["rows"]], color=color, lw=1, label=name)
+        ms = [r["ms"] for r in res["rows"]]
+        ax_t.plot(f, ms, color=color, lw=0.6, alpha=0.3)
+        ax_t.plot(f, _rolling_median(ms, 15), color=color, lw=1.6, label=name + " (rolling median)")
         ax_m.plot(f, [r["cache_bytes"] / 2**20 for r in res["rows"]], color=color, lw=1.5, label=name)
     ax_t.set_xlabel("latent frame")
     ax_t.set_ylabel("ms per chunk")
@@ -114,12 +126,13 @@ def demo(args) -> dict:
     model = StreamingDiT(args.preset, seed=args.seed, dtype=dtype, device=args.device).eval()
     cfg = model.config
     gtext = torch.Generator().manual_seed(args.seed + 1)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gtext).to(args.device)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gtext).to(args.device, dtype)
+    probe = torch.zeros(1, 1, 1, 2, device=args.device, dtype=dtype)
     print(f"vidstream demo: preset {args.preset} ({cfg.num_layers} layers, dim {cfg.dim}, "
           f"{cfg.frame_shape[0] * cfg.frame_shape[1]} tokens/frame), {args.frames} latent frames, "
           f"device {args.device}, {args.dtype}; kernels: "
-          f"rope3d_store_={vidstream.backend_for('rope3d_store_', text[:1, :1, None, :2].contiguous())}, "
-          f"cached_attention={vidstream.backend_for('cached_attention', text[:1, :1, None, :2].contiguous())}")
+          + ", ".join(f"{op}={vidstream.backend_for(op, probe)}" for op in
+                      ("rope3d_store_", "rope3d_shift_", "cached_attention", "select_blocks")))
     # One short untimed run so that first-call costs (allocation, kernel loading) do not count.
     warm = argparse.Namespace(**{**vars(args), "frames": min(args.frames, 2 * args.chunk_frames)})
     _run(model, text, warm, args.backend, "warm-up", False)
@@ -141,7 +154,7 @@ def demo(args) -> dict:
         "max_rope_position": fused["max_position"],
         "device": str(args.device),
         "device_name": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else (
-            f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"),
+            f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"),
         "preset": args.preset,
         "backend": args.backend,
         "dtype": args.dtype,
@@ -181,7 +194,7 @@ def _parser():
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="stream a video and compare the fused cache with the eager reference")
     d.add_argument("--preset", default="tiny", help="tiny | wan-1.3b")
-    d.add_argument("--frames", type=int, default=120, help="latent frames to generate")
+    d.add_argument("--frames", type=int, default=2000, help="latent frames to generate")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -189,6 +202,9 @@ def _parser():
     d.add_argument("--compare", action="store_true", help="also run the eager reference and diff")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0,
+                   help="CPU threads; 0: one for the tiny preset (its ops are too small to split), "
+                        "else torch's default")
     d.add_argument("--chunk-frames", type=int, default=3)
     d.add_argument("--sink-frames", type=int, default=3)
     d.add_argument("--recent-frames", type=int, default=6)
@@ -205,6 +221,10 @@ def main(argv=None):
             args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
         if args.frames < 1:
             raise SystemExit("--frames must be >= 1")
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        elif args.preset == "tiny" and torch.device(args.device).type == "cpu":
+            torch.set_num_threads(1)
         demo(args)
     return 0
 
