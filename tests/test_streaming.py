@@ -250,3 +250,41 @@ def test_selection_once_per_chunk_and_layer(monkeypatch):
     g = StreamingGenerator(m, chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=3, top_k=1)
     g.generate(_text(m), 18)  # chunks 0..5; mid holds >1 block (so selection runs) from chunk 4 on
     assert len(calls) == 2 * m.config.num_layers
+
+
+def test_warped_timesteps_are_self_forcing_schedule():
+    from vidstream.pipeline import warp_timesteps
+
+    got = warp_timesteps([1000, 750, 500, 250], 5.0)
+    assert got == pytest.approx([1000.0, 937.5, 833.3333333, 625.0])
+
+
+def test_generator_equals_full_recompute_self_forcing_loop():
+    """Self-Forcing semantics without a cache: every step of chunk n runs the whole sequence
+    (clean chunks 0..n-1 at t = 0, the current noisy chunk at t_i) through chunk_attention. The
+    streaming generator, with nothing evicted, must give the same video."""
+    from vidstream.pipeline import warp_timesteps
+
+    m = _model()
+    C, frames, seed = 3, 9, 11
+    text = _text(m)
+    streamed = StreamingGenerator(m, chunk_frames=C, sink_frames=3, recent_frames=6, mid_blocks=0,
+                                  seed=seed).generate(text, frames)
+    sigmas = [t / 1000 for t in warp_timesteps([1000, 750, 500, 250], 5.0)]
+    gen = torch.Generator().manual_seed(seed)
+    text_kv = m.text_kv(text)
+    attn = FullSequenceAttention(chunk_frames=C)
+    clean = torch.zeros(1, 16, 0, 8, 8)
+    with torch.no_grad():
+        for _ in range(frames // C):
+            shape = (1, 16, C, 8, 8)
+            x = torch.randn(shape, generator=gen)
+            for i, sigma in enumerate(sigmas):
+                seq = torch.cat([clean, x], dim=2)
+                t = torch.cat([torch.zeros(clean.shape[2]), torch.full((C,), sigma * 1000)])[None]
+                flow = m(seq, t, text_kv, attn)[:, :, -C:]
+                x0 = x - sigma * flow
+                if i + 1 < len(sigmas):
+                    x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(shape, generator=gen)
+            clean = torch.cat([clean, x0], dim=2)
+    torch.testing.assert_close(streamed, clean, atol=1e-4, rtol=1e-4)
