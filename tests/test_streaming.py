@@ -288,3 +288,15 @@ def test_generator_equals_full_recompute_self_forcing_loop():
                     x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(shape, generator=gen)
             clean = torch.cat([clean, x0], dim=2)
     torch.testing.assert_close(streamed, clean, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_model_and_cache():
+    """The GPU configuration's dtype plumbing (bf16 weights and pools, float32 latents) on CPU."""
+    m = StreamingDiT("tiny", seed=0, dtype=torch.bfloat16)
+    text = _text(m)
+    g = StreamingGenerator(m, mid_blocks=2, top_k=1)
+    a = g.generate(text, 18)
+    assert g.cache.k_pool.dtype == torch.bfloat16 and a.dtype == torch.float32
+    b = StreamingGenerator(m, mid_blocks=2, top_k=1, backend="reference").generate(text, 18)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)

@@ -86,7 +86,9 @@ class LayerNorm(nn.LayerNorm):
     """Computed in float32 whatever the activations' dtype, as Wan does."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class Attention(nn.Module):
