@@ -187,8 +187,9 @@ def test_mid_block_is_the_compressed_evicted_chunk():
 def test_custom_compressor_interface():
     calls = []
 
-    def first_token(k, v, grid):
+    def first_token(k, v, grid, frame_offset):
         calls.append(tuple(grid))
+        assert frame_offset == int(frame_offset) and 0 <= frame_offset < 1024
         return k[:, :5], v[:, :5]
 
     m = _model(num_layers=1)

@@ -25,6 +25,7 @@ fused cache is validated and timed against.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -101,8 +102,15 @@ class PoolCompressor:
     clamped to it). Pooling is linear, so a temporal ``rope3d_shift_`` of the pooled keys equals
     pooling the shifted keys: the block keeps the temporal base position of its first frame. The
     spatial rotation of the pooled keys is the mean of their window's (a training-free
-    approximation). The cache calls any callable with this signature; ``vidstream.compress``
-    (the compression issue) plugs in the same way."""
+    approximation).
+
+    The cache calls any callable ``compressor(k, v, grid) -> (k_c, v_c)``: ``k``, ``v``
+    [B, F*h*w, H_kv, D] of one block on ``grid`` (F, h, w), keys rotated by the 3D RoPE with
+    frame ``t`` at temporal position ``frame_offset + t``; it returns the same number of tokens
+    for every block (``out_tokens(grid)`` if defined, else found by one call), keys rotated so
+    that a temporal shift of ``delta`` moves the whole block by ``delta`` frames. A callable
+    that accepts a ``frame_offset`` keyword gets it (e.g. to un-rotate before pooling).
+    ``vidstream.compress`` (the compression issue) plugs in the same way."""
 
     def __init__(self, time: int = 2, space: int = 2):
         if time < 1 or space < 1:
@@ -129,11 +137,20 @@ class PoolCompressor:
         return pooled.permute(0, 2, 3, 4, 1).reshape(B, -1, H, D).to(x.dtype)
 
 
+def _takes_frame_offset(compressor) -> bool:
+    try:
+        params = inspect.signature(compressor).parameters
+    except (TypeError, ValueError):
+        return False
+    return "frame_offset" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _mid_tokens(compressor, grid) -> int:
     if hasattr(compressor, "out_tokens"):
         return int(compressor.out_tokens(grid))
     dummy = torch.zeros(1, math.prod(grid), 1, 2)
-    return int(compressor(dummy, dummy, grid)[0].shape[1])
+    extra = {"frame_offset": 0.0} if _takes_frame_offset(compressor) else {}
+    return int(compressor(dummy, dummy, grid, **extra)[0].shape[1])
 
 
 def _runs(slots: list[int], sizes: list[int], base: int, stride: int) -> list[list[int]]:
@@ -166,6 +183,7 @@ class StreamingKVCache:
         self.h, self.w = (int(s) for s in frame_shape)
         self.hw = self.h * self.w
         self.compressor = compressor if compressor is not None else PoolCompressor()
+        self._pass_offset = _takes_frame_offset(self.compressor)
         C, hw = config.chunk_frames, self.hw
         self.mid_tokens = _mid_tokens(self.compressor, (C, self.h, self.w)) if config.mid_blocks else 0
         self.ring_chunks = config.recent_frames // C + 1
@@ -247,7 +265,9 @@ class StreamingKVCache:
         grid = (self.ring_frames[slot], self.h, self.w)
         for layer in range(self.num_layers):
             if self.cfg.mid_blocks:
-                kc, vc = self.compressor(self.k_pool[layer, :, a:b], self.v_pool[layer, :, a:b], grid)
+                extra = {"frame_offset": self.recent_pos[layer][slot]} if self._pass_offset else {}
+                kc, vc = self.compressor(self.k_pool[layer, :, a:b], self.v_pool[layer, :, a:b], grid,
+                                         **extra)
                 m = self._mid_slot(layer)
                 s = self.mid_off + m * self.mid_tokens
                 self.k_pool[layer, :, s:s + self.mid_tokens] = kc
@@ -424,8 +444,9 @@ class NaiveKVCache:
                 if not cfg.mid_blocks:
                     continue
                 k = self._shifted(self._tokens(self.hist_k[layer], c), c["pos"] - c["write_pos"])
+                extra = {"frame_offset": c["pos"]} if _takes_frame_offset(self.compressor) else {}
                 kc, vc = self.compressor(k, self._tokens(self.hist_v[layer], c).clone(),
-                                         (c["frames"], self.h, self.w))
+                                         (c["frames"], self.h, self.w), **extra)
                 blocks = self.mid[layer]
                 if len(blocks) == cfg.mid_blocks:
                     if cfg.mid_evict == "oldest":
