@@ -27,7 +27,7 @@ from _common import print_table, sync, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
 from vidstream import StreamingGenerator, StreamingKVCache  # noqa: E402
-from vidstream.cache import CacheConfig, PoolCompressor  # noqa: E402
+from vidstream.cache import AvgPoolCompressor, CacheConfig, default_compressor  # noqa: E402
 from vidstream.model import PRESETS, StreamingDiT  # noqa: E402
 
 # PackForcing-like partitions at Wan-1.3B (3-frame chunks): a 3-frame sink, 64 mid blocks
@@ -43,7 +43,9 @@ def _median_near(rows, lo, hi):
 def run_config(model, text, frames, device, *, backend, mid_blocks, top_k, args):
     gen = StreamingGenerator(model, chunk_frames=args.chunk_frames, sink_frames=args.sink_frames,
                              recent_frames=args.recent_frames, mid_blocks=mid_blocks, top_k=top_k,
-                             backend=backend, seed=0, compressor=PoolCompressor(2, args.space_pool))
+                             backend=backend, seed=0,
+                             compressor=default_compressor() if args.space_pool is None
+                             else AvgPoolCompressor(2, args.space_pool))
     # Warm-up: first-call costs (allocator, kernel loading, cuBLAS heuristics).
     for _ in gen.stream(text, 2 * args.chunk_frames):
         pass
@@ -70,7 +72,7 @@ def packforcing_cache_bytes(preset: str, dtype) -> int:
     c = PRESETS[preset]
     cache = StreamingKVCache(num_layers=c.num_layers, batch=1, kv_heads=c.num_heads, head_dim=c.head_dim,
                              frame_shape=c.frame_shape, config=CacheConfig(**PACKFORCING),
-                             compressor=PoolCompressor(2, 4), dtype=dtype, device="meta")
+                             compressor=AvgPoolCompressor(2, 4), dtype=dtype, device="meta")
     return cache.nbytes
 
 
@@ -91,16 +93,14 @@ def main():
     p.add_argument("--recent-frames", type=int, default=3)
     p.add_argument("--mid-blocks", type=int, default=64)
     p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--space-pool", type=int, default=None, help="mid compressor's spatial pooling "
-                   "(default 4 for wan-1.3b, 2 for tiny)")
+    p.add_argument("--space-pool", type=int, default=None, help="use AvgPoolCompressor(2, N) for mid "
+                   "blocks (default: cache.default_compressor())")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device(args.device)
     dtype_name = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    if args.space_pool is None:
-        args.space_pool = 2 if args.preset == "tiny" else 4
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.preset == "tiny" and dev.type == "cpu":

@@ -7,7 +7,7 @@ import torch
 
 import vidstream
 from vidstream import CacheConfig, FullSequenceAttention, StreamingDiT, StreamingGenerator, StreamingKVCache
-from vidstream.cache import NaiveKVCache, PoolCompressor
+from vidstream.cache import AvgPoolCompressor, NaiveKVCache
 from vidstream.model import PRESETS
 
 
@@ -24,10 +24,10 @@ def _model(**over):
     return StreamingDiT(replace(PRESETS["tiny"], **over), seed=0)
 
 
-def _cache(m, B=1, **cfg):
+def _cache(m, B=1, compressor=None, **cfg):
     c = m.config
     return StreamingKVCache(num_layers=c.num_layers, batch=B, kv_heads=c.num_heads, head_dim=c.head_dim,
-                            frame_shape=c.frame_shape, config=CacheConfig(**cfg))
+                            frame_shape=c.frame_shape, config=CacheConfig(**cfg), compressor=compressor)
 
 
 def _text(m, B=1):
@@ -126,7 +126,7 @@ def test_long_rollout_bounded_positions_fixed_memory():
     """3,000 latent frames, past Wan's 1,024-position RoPE table."""
     m = _model(num_layers=1, latent_hw=(2, 2))
     g = StreamingGenerator(m, chunk_frames=3, sink_frames=3, recent_frames=6, mid_blocks=4, top_k=2,
-                           timesteps=(1000, 500), select_stride=1)
+                           timesteps=(1000, 500), select_stride=1, compressor=AvgPoolCompressor())
     bound = g.config.max_frames_rope
     sizes, finite, frames = set(), True, 0
     pool_ptr = g.cache.k_pool.data_ptr()
@@ -154,7 +154,8 @@ def test_ring_wraps_into_two_ranges_and_layout():
             m(torch.randn(1, 16, 2, 8, 8), 0.0, text_kv, cache)
             seen.append(cache.token_ranges(0).tolist())
             cache.end_chunk()
-    mid_tokens = PoolCompressor().out_tokens((2, 4, 4))
+    mid_tokens = cache.mid_tokens
+    assert mid_tokens == cache.compressor.mid_tokens((2, 4, 4))
     ring_off = 2 * hw + 2 * mid_tokens
     assert cache.pool_tokens == ring_off + 3 * 2 * hw
     assert seen[0] == [[0, 2 * hw]]                       # the sink chunk
@@ -168,7 +169,8 @@ def test_ring_wraps_into_two_ranges_and_layout():
 
 def test_mid_block_is_the_compressed_evicted_chunk():
     m = _model(num_layers=1)
-    cache = _cache(m, chunk_frames=2, sink_frames=0, recent_frames=2, mid_blocks=2, top_k=2)
+    cache = _cache(m, chunk_frames=2, sink_frames=0, recent_frames=2, mid_blocks=2, top_k=2,
+                   compressor=AvgPoolCompressor())
     text_kv = m.text_kv(_text(m))
     with torch.no_grad():
         for _ in range(2):
@@ -179,7 +181,7 @@ def test_mid_block_is_the_compressed_evicted_chunk():
         ring_v = cache.v_pool[0, :, cache.ring_off:cache.ring_off + 32].clone()
         cache.begin_chunk(2)  # evicts the first chunk into mid slot 0
     mt = cache.mid_tokens
-    kc, vc = PoolCompressor()(ring_k, ring_v, (2, 4, 4))
+    kc, vc = AvgPoolCompressor()(ring_k, ring_v, grid=(2, 4, 4))
     torch.testing.assert_close(cache.k_pool[0, :, cache.mid_off:cache.mid_off + mt], kc)
     torch.testing.assert_close(cache.v_pool[0, :, cache.mid_off:cache.mid_off + mt], vc)
 
@@ -187,7 +189,7 @@ def test_mid_block_is_the_compressed_evicted_chunk():
 def test_custom_compressor_interface():
     calls = []
 
-    def first_token(k, v, grid, frame_offset):
+    def first_token(k, v, *, grid, frame_offset):
         calls.append(tuple(grid))
         assert frame_offset == int(frame_offset) and 0 <= frame_offset < 1024
         return k[:, :5], v[:, :5]

@@ -7,7 +7,7 @@ where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.b
 from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
-from .cache import CacheConfig, NaiveKVCache, PoolCompressor, StreamingKVCache
+from .cache import AvgPoolCompressor, CacheConfig, NaiveKVCache, StreamingKVCache
 from .kv_store import rope3d_store_
 from .lowrank import lowrank_cached_attention, lowrank_decompress
 from .model import DiTConfig, FullSequenceAttention, StreamingDiT
@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 _extension.load()
 
 __all__ = [
+    "AvgPoolCompressor",
     "CacheConfig",
     "DiTConfig",
     "FullSequenceAttention",
     "NaiveKVCache",
-    "PoolCompressor",
     "StreamingDiT",
     "StreamingGenerator",
     "StreamingKVCache",

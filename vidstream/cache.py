@@ -96,21 +96,22 @@ class CacheConfig:
 # ----------------------------------------------------------------------------- compressor
 
 
-class PoolCompressor:
-    """Built-in mid-block compressor: average pooling of a block's K and V over windows of
+class AvgPoolCompressor:
+    """Built-in fallback mid-block compressor: average pooling of a block's K and V over windows of
     ``time`` frames x ``space`` x ``space`` tokens (floor; a factor larger than the grid is
     clamped to it). Pooling is linear, so a temporal ``rope3d_shift_`` of the pooled keys equals
     pooling the shifted keys: the block keeps the temporal base position of its first frame. The
     spatial rotation of the pooled keys is the mean of their window's (a training-free
     approximation).
 
-    The cache calls any callable ``compressor(k, v, grid) -> (k_c, v_c)``: ``k``, ``v``
+    The cache calls any callable ``compressor(k, v, grid=...) -> (k_c, v_c)``: ``k``, ``v``
     [B, F*h*w, H_kv, D] of one block on ``grid`` (F, h, w), keys rotated by the 3D RoPE with
     frame ``t`` at temporal position ``frame_offset + t``; it returns the same number of tokens
-    for every block (``out_tokens(grid)`` if defined, else found by one call), keys rotated so
-    that a temporal shift of ``delta`` moves the whole block by ``delta`` frames. A callable
-    that accepts a ``frame_offset`` keyword gets it (e.g. to un-rotate before pooling).
-    ``vidstream.compress`` (the compression issue) plugs in the same way."""
+    for every block (``mid_tokens(grid)`` if defined, else found by one call), keys rotated so
+    that a temporal shift of ``delta`` moves the whole block by ``delta`` frames. Keywords
+    ``frame_offset``, ``theta`` and ``t_theta`` are passed to a callable that accepts them (e.g.
+    to un-rotate before pooling, as ``vidstream.compress.PoolCompressor`` does; that one is the
+    default when present, see ``default_compressor``)."""
 
     def __init__(self, time: int = 2, space: int = 2):
         if time < 1 or space < 1:
@@ -121,12 +122,12 @@ class PoolCompressor:
         F, h, w = grid
         return min(self.time, F), min(self.space, h), min(self.space, w)
 
-    def out_tokens(self, grid) -> int:
+    def mid_tokens(self, grid) -> int:
         F, h, w = grid
         tf, sh, sw = self._factors(grid)
         return (F // tf) * (h // sh) * (w // sw)
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, grid):
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, *, grid):
         return self._pool(k, grid), self._pool(v, grid)
 
     def _pool(self, x, grid):
@@ -137,20 +138,39 @@ class PoolCompressor:
         return pooled.permute(0, 2, 3, 4, 1).reshape(B, -1, H, D).to(x.dtype)
 
 
-def _takes_frame_offset(compressor) -> bool:
+def default_compressor():
+    """``vidstream.compress.PoolCompressor()`` (the compression issue's RoPE-aware pooling) when
+    this build has it, else ``AvgPoolCompressor()``."""
+    try:
+        from .compress import PoolCompressor
+    except ImportError:
+        return AvgPoolCompressor()
+    return PoolCompressor()
+
+
+def _keywords(compressor) -> set:
+    """The optional keywords (frame_offset, theta, t_theta) the compressor accepts."""
     try:
         params = inspect.signature(compressor).parameters
     except (TypeError, ValueError):
-        return False
-    return "frame_offset" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return set()
+    names = {"frame_offset", "theta", "t_theta"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return names
+    return names & set(params)
+
+
+def _compress(compressor, keywords, k, v, grid, frame_offset, theta, t_theta):
+    extra = {"frame_offset": float(frame_offset), "theta": theta, "t_theta": t_theta}
+    return compressor(k, v, grid=tuple(grid), **{n: extra[n] for n in keywords})
 
 
 def _mid_tokens(compressor, grid) -> int:
-    if hasattr(compressor, "out_tokens"):
-        return int(compressor.out_tokens(grid))
+    if hasattr(compressor, "mid_tokens"):
+        return int(compressor.mid_tokens(grid))
     dummy = torch.zeros(1, math.prod(grid), 1, 2)
-    extra = {"frame_offset": 0.0} if _takes_frame_offset(compressor) else {}
-    return int(compressor(dummy, dummy, grid, **extra)[0].shape[1])
+    out = _compress(compressor, _keywords(compressor), dummy, dummy, grid, 0.0, 10000.0, None)
+    return int(out[0].shape[1])
 
 
 def _runs(slots: list[int], sizes: list[int], base: int, stride: int) -> list[list[int]]:
@@ -182,8 +202,8 @@ class StreamingKVCache:
         self.num_layers, self.batch = num_layers, batch
         self.h, self.w = (int(s) for s in frame_shape)
         self.hw = self.h * self.w
-        self.compressor = compressor if compressor is not None else PoolCompressor()
-        self._pass_offset = _takes_frame_offset(self.compressor)
+        self.compressor = compressor if compressor is not None else default_compressor()
+        self._keywords = _keywords(self.compressor)
         C, hw = config.chunk_frames, self.hw
         self.mid_tokens = _mid_tokens(self.compressor, (C, self.h, self.w)) if config.mid_blocks else 0
         self.ring_chunks = config.recent_frames // C + 1
@@ -265,9 +285,9 @@ class StreamingKVCache:
         grid = (self.ring_frames[slot], self.h, self.w)
         for layer in range(self.num_layers):
             if self.cfg.mid_blocks:
-                extra = {"frame_offset": self.recent_pos[layer][slot]} if self._pass_offset else {}
-                kc, vc = self.compressor(self.k_pool[layer, :, a:b], self.v_pool[layer, :, a:b], grid,
-                                         **extra)
+                kc, vc = _compress(self.compressor, self._keywords, self.k_pool[layer, :, a:b],
+                                   self.v_pool[layer, :, a:b], grid, self.recent_pos[layer][slot],
+                                   self.cfg.theta, self.t_theta)
                 m = self._mid_slot(layer)
                 s = self.mid_off + m * self.mid_tokens
                 self.k_pool[layer, :, s:s + self.mid_tokens] = kc
@@ -403,7 +423,8 @@ class NaiveKVCache:
         self.num_layers = num_layers
         self.h, self.w = (int(s) for s in frame_shape)
         self.hw = self.h * self.w
-        self.compressor = compressor if compressor is not None else PoolCompressor()
+        self.compressor = compressor if compressor is not None else default_compressor()
+        self._keywords = _keywords(self.compressor)
         self.t_theta = t_theta
         self.reset()
 
@@ -444,9 +465,9 @@ class NaiveKVCache:
                 if not cfg.mid_blocks:
                     continue
                 k = self._shifted(self._tokens(self.hist_k[layer], c), c["pos"] - c["write_pos"])
-                extra = {"frame_offset": c["pos"]} if _takes_frame_offset(self.compressor) else {}
-                kc, vc = self.compressor(k, self._tokens(self.hist_v[layer], c).clone(),
-                                         (c["frames"], self.h, self.w), **extra)
+                kc, vc = _compress(self.compressor, self._keywords, k,
+                                   self._tokens(self.hist_v[layer], c).clone(),
+                                   (c["frames"], self.h, self.w), c["pos"], cfg.theta, self.t_theta)
                 blocks = self.mid[layer]
                 if len(blocks) == cfg.mid_blocks:
                     if cfg.mid_evict == "oldest":

@@ -42,7 +42,7 @@ class StreamingGenerator:
     ``model``: a ``StreamingDiT``. Cache partitions (latent frames): ``sink_frames``,
     ``recent_frames`` (full resolution, besides the current chunk), ``mid_blocks`` compressed
     blocks of which ``top_k`` are attended (``None``: all), ``mid_evict`` "oldest" or "lowest";
-    ``compressor``: mid-block compressor (default ``PoolCompressor()``)."""
+    ``compressor``: mid-block compressor (default ``cache.default_compressor()``)."""
 
     def __init__(self, model: StreamingDiT, *, chunk_frames: int = 3, sink_frames: int = 3,
                  recent_frames: int = 6, mid_blocks: int = 8, top_k: Optional[int] = 4,
