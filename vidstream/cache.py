@@ -327,9 +327,11 @@ class StreamingKVCache:
             self._prepare_layer(layer, q_rot)
             self._selected[layer] = True
         kp, vp = self.k_pool[layer], self.v_pool[layer]
-        pos = torch.arange(F, dtype=torch.float64) + ch["qpos"]
-        _kv_store.rope3d_store_(kp, vp, k, v, torch.tensor(ch["slots"], dtype=torch.int32), pos,
-                                grid=tuple(grid), theta=theta, t_theta=self.t_theta)
+        if "slots_t" not in ch:  # host metadata, built once per chunk
+            ch["slots_t"] = torch.tensor(ch["slots"], dtype=torch.int32)
+            ch["pos_t"] = torch.arange(F, dtype=torch.float64) + ch["qpos"]
+        _kv_store.rope3d_store_(kp, vp, k, v, ch["slots_t"], ch["pos_t"], grid=tuple(grid), theta=theta,
+                                t_theta=self.t_theta)
         self.max_position = max(self.max_position, int(ch["qpos"]) + F - 1)
         return _attention.cached_attention(q_rot, kp, vp, ch["ranges_t"][layer])
 
