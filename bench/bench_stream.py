@@ -151,8 +151,7 @@ def main():
     print(f"fused cache at PackForcing-like partitions {PACKFORCING}, wan-1.3b bf16, 30 layers: "
           f"{pf / 2**30:.2f} GiB")
     write_json(args.json, "bench_stream", dev, rows, preset=args.preset, dtype=dtype_name,
-               frames=args.frames, kernels=kernels, packforcing_cache_bytes=pf,
-               per_chunk={k: v["rows"] for k, v in results.items()})
+               frames=args.frames, kernels=kernels, packforcing_cache_bytes=pf)
 
 
 if __name__ == "__main__":
