@@ -303,3 +303,25 @@ def test_bfloat16_model_and_cache():
     b = StreamingGenerator(m, mid_blocks=2, top_k=1, backend="reference").generate(text, 18)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("evict", ["oldest", "lowest"])
+def test_mid_eviction_policy(evict):
+    m = _model(num_layers=1)
+    cache = _cache(m, chunk_frames=2, sink_frames=0, recent_frames=2, mid_blocks=2, top_k=1,
+                   mid_evict=evict)
+    text_kv = m.text_kv(_text(m))
+
+    def chunk():
+        cache.begin_chunk(2)
+        m(torch.randn(1, 16, 2, 8, 8), 0.0, text_kv, cache)
+        cache.end_chunk()
+
+    with torch.no_grad():
+        for _ in range(4):  # chunks 0, 1 evicted into mid: mid is full with two blocks
+            chunk()
+        oldest, newest = cache.mid_order[0]
+        cache.mid_score[0][oldest], cache.mid_score[0][newest] = 1.0, 0.1
+        chunk()  # evicts chunk 2 into mid: one block must go
+    survivor = newest if evict == "oldest" else oldest
+    assert cache.mid_order[0][0] == survivor and len(cache.mid_order[0]) == 2
