@@ -22,6 +22,13 @@ TORCH_LIBRARY(vidstream, m) {
   // SPEC §5: top-k mid-block selection (schemas added by the selection work).
 
   // SPEC §6: streaming cache helpers (schemas added by the streaming work).
+  // Rotates k [B, L, H_kv, D] (grid F x height x width, frame f at temporal position
+  // frame_pos[f]) by the 3D RoPE and writes it and v into k_pool/v_pool at tokens
+  // [frame_slots[f], frame_slots[f] + height*width): one pass per chunk and layer.
+  m.def(
+      "rope3d_store_(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor k, Tensor v, "
+      "Tensor frame_slots, Tensor frame_pos, int height, int width, float theta=10000., "
+      "Tensor? t_theta=None) -> ()");
 }
 
 // `import vidstream._C` loads this library and so runs the registrations above.

@@ -7,7 +7,11 @@ where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.b
 from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
+from .cache import AvgPoolCompressor, CacheConfig, NaiveKVCache, StreamingKVCache
+from .kv_store import rope3d_store_
 from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .model import DiTConfig, FullSequenceAttention, StreamingDiT
+from .pipeline import StreamingGenerator
 from .rope import rope3d, rope3d_shift_
 from .selection import select_blocks
 
@@ -16,6 +20,14 @@ __version__ = "0.1.0"
 _extension.load()
 
 __all__ = [
+    "AvgPoolCompressor",
+    "CacheConfig",
+    "DiTConfig",
+    "FullSequenceAttention",
+    "NaiveKVCache",
+    "StreamingDiT",
+    "StreamingGenerator",
+    "StreamingKVCache",
     "backend_for",
     "backends",
     "cached_attention",
@@ -25,6 +37,7 @@ __all__ = [
     "reference",
     "rope3d",
     "rope3d_shift_",
+    "rope3d_store_",
     "select_blocks",
     "use_backend",
 ]

@@ -14,7 +14,8 @@ def rope_bands(head_dim: int) -> tuple[int, int, int]:
 
 def band_omega(n: int, theta, device=None) -> torch.Tensor:
     """theta ** (-2 p / (2 n)) for p < n in float64: [n], or [H, n] for a per-head theta tensor."""
-    expo = torch.arange(n, dtype=torch.float64, device=device) * (-2.0 / (2 * n))
+    # n == 0 (a band with no pairs, D = 2 or 4) is an empty table, not a division by zero.
+    expo = torch.arange(n, dtype=torch.float64, device=device) * (-2.0 / (2 * n) if n else 0.0)
     if isinstance(theta, torch.Tensor):
         return theta.to(device, torch.float64)[:, None] ** expo[None, :]
     return float(theta) ** expo

@@ -229,3 +229,47 @@ def select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score) -> tup
     if q.shape[1] == 0:
         _fail("q must have at least one query token (Lq >= 1)")
     return blocks, heads
+
+
+def rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt):
+    """SPEC §6 cache write. Returns (frame_slots int32 [F], frame_pos float64 [F]) on the CPU."""
+    rope_input(k_pool, "k_pool")
+    rope_input(k, "k")
+    tensor(v_pool, "v_pool", 4, "[B, P, H_kv, Dv]")
+    tensor(v, "v", 4, "[B, L, H_kv, Dv]")
+    for name, t in (("v_pool", v_pool), ("k", k), ("v", v)):
+        same("k_pool", k_pool, name, t)
+    if k.shape[0] != k_pool.shape[0] or v.shape[0] != k_pool.shape[0] or v_pool.shape[0] != k_pool.shape[0]:
+        _fail(f"batch sizes differ: k_pool {k_pool.shape[0]}, v_pool {v_pool.shape[0]}, "
+              f"k {k.shape[0]}, v {v.shape[0]}")
+    if tuple(k.shape[2:]) != tuple(k_pool.shape[2:]):
+        _fail(f"k must have the heads and head dim of k_pool {tuple(k_pool.shape[2:])}, "
+              f"got {tuple(k.shape[2:])}")
+    if tuple(v_pool.shape[1:3]) != tuple(k_pool.shape[1:3]):
+        _fail(f"v_pool must have the tokens and heads of k_pool {tuple(k_pool.shape[1:3])}, "
+              f"got {tuple(v_pool.shape[1:3])}")
+    if v.shape[1] != k.shape[1] or tuple(v.shape[2:]) != tuple(v_pool.shape[2:]):
+        _fail(f"v must have shape [B, L={k.shape[1]}, {v_pool.shape[2]}, {v_pool.shape[3]}], "
+              f"got {tuple(v.shape)}")
+    grid3(grid, k.shape[1])
+    F, h, w = grid
+    slots = frame_slots.detach().to("cpu") if isinstance(frame_slots, torch.Tensor) else (
+        torch.tensor(list(frame_slots), dtype=torch.int64))
+    if slots.dim() != 1 or slots.shape[0] != F or slots.is_floating_point():
+        _fail(f"frame_slots must be an int tensor [F] = [{F}], got {tuple(slots.shape)} {slots.dtype}")
+    slots = slots.to(torch.int32)
+    pos = frame_pos.detach().to("cpu", torch.float64) if isinstance(frame_pos, torch.Tensor) else (
+        torch.tensor(list(frame_pos), dtype=torch.float64))
+    if pos.dim() != 1 or pos.shape[0] != F:
+        _fail(f"frame_pos must have shape [F] = [{F}], got {tuple(pos.shape)}")
+    hw = h * w
+    bad = (slots < 0) | (slots + hw > k_pool.shape[1])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        _fail(f"frame_slots[{i}] = {int(slots[i])} must satisfy 0 <= slot and slot + h*w ({hw}) "
+              f"<= {k_pool.shape[1]}")
+    srt = torch.sort(slots.long()).values
+    if srt.shape[0] > 1 and bool((srt[1:] - srt[:-1] < hw).any()):
+        _fail(f"frame_slots must not overlap: two slots are closer than h*w = {hw}: {slots.tolist()}")
+    t_theta(tt, k.shape[2])
+    return slots, pos

@@ -26,6 +26,7 @@ __all__ = [
     "lowrank_decompress",
     "lowrank_cached_attention",
     "select_blocks",
+    "rope3d_store_",
 ]
 
 
@@ -231,3 +232,30 @@ def select_blocks(q, k_pool, block_ranges, k, *, query_stride=8, heads=None, sco
     blocks, heads = _validate.select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score)
     scale = _validate.scale_value(scale, q.shape[3])
     return _select_blocks(q, k_pool, blocks, k, query_stride, heads, score, scale)
+
+
+# ----------------------------------------------------------------------------- streaming cache
+
+
+def _rope3d_store_(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, theta, t_theta):
+    F, h, w = grid
+    hw = h * w
+    # Positions (frame_pos[f], row, column) via the rope3d angles at offset 0 plus a per-frame
+    # temporal term, so integer positions give exactly rope3d's angles.
+    ang = rope_angles((F, h, w), k.shape[3], 0.0, theta, t_theta, k.device)  # [L, Ht, c]
+    c_t = rope_bands(k.shape[3])[0]
+    pos = frame_pos.to(k.device, torch.float64).repeat_interleave(hw)
+    t_ang = temporal_angles(pos, c_t, theta, t_theta)  # [L, Ht, c_t]
+    ang = torch.cat([t_ang.expand(-1, ang.shape[1], -1), ang[:, :, c_t:]], dim=-1)
+    k_rot = _rotate(k, ang[None])
+    for f, s in enumerate(frame_slots.tolist()):
+        k_pool[:, s:s + hw] = k_rot[:, f * hw:(f + 1) * hw]
+        v_pool[:, s:s + hw] = v[:, f * hw:(f + 1) * hw]
+    return k_pool, v_pool
+
+
+def rope3d_store_(k_pool, v_pool, k, v, frame_slots, frame_pos, *, grid, theta=10000.0, t_theta=None):
+    """SPEC §6: rotate ``k`` by the 3D RoPE with frame ``f`` at temporal position
+    ``frame_pos[f]`` and write it and ``v`` into the pools at tokens ``frame_slots[f] + j``."""
+    slots, pos = _validate.rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta)
+    return _rope3d_store_(k_pool, v_pool, k, v, slots, pos, tuple(grid), theta, t_theta)

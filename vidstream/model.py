@@ -1,0 +1,358 @@
+"""``StreamingDiT``: a Wan2.1-shaped video diffusion transformer run chunk by chunk (SPEC §6).
+
+Patch embedding 1x2x2, per-frame AdaLN timestep modulation (Self-Forcing's causal Wan), q/k
+RMSNorm, 3D RoPE and self-attention through a cache object, cross-attention to text tokens with a
+cached text K/V, GELU-tanh FFN, head and unpatchify. Parameter names and shapes are those of
+Wan2.1's ``WanModel`` state dict, so a Wan2.1 / Self-Forcing checkpoint loads with
+``from_pretrained``.
+
+Self-attention is delegated: each block calls ``attention.attend(layer, q, k, v, grid)`` with q and
+k after RMSNorm and before RoPE. A ``StreamingKVCache`` / ``NaiveKVCache`` implements it for
+streaming; ``FullSequenceAttention`` runs the whole video at once with ``chunk_attention``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _safetensors
+from . import attention as _attention
+from . import rope as _rope
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int
+    num_heads: int
+    num_layers: int
+    ffn_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 16
+    out_dim: int = 16
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    latent_hw: tuple = (60, 104)   # latent height, width of one frame (832 x 480 video)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def frame_shape(self) -> tuple:
+        """Token grid (h, w) of one latent frame after the 1x2x2 patch embedding."""
+        return self.latent_hw[0] // 2, self.latent_hw[1] // 2
+
+
+PRESETS = {
+    # Small enough for CPU tests: 4 x 4 tokens a frame, 2 layers of 4 heads x 16.
+    "tiny": DiTConfig(dim=64, num_heads=4, num_layers=2, ffn_dim=128, freq_dim=32, text_dim=32,
+                      text_len=8, latent_hw=(8, 8)),
+    # Wan2.1-T2V-1.3B (Self-Forcing's backbone): 30 x 52 = 1560 tokens a frame.
+    "wan-1.3b": DiTConfig(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960),
+}
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i / (dim/2)), formed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angle = t.double()[:, None] * freqs[None]
+    return torch.cat([angle.cos(), angle.sin()], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """Computed in float32 whatever the activations' dtype, as Wan does."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class Attention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k over the full width (Wan's layout)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def heads(self, x):
+        return x.unflatten(-1, (self.num_heads, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, grid, text_kv, attention, layer):
+        """x [B, L, dim] float32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""
+        B, L, d = x.shape
+        Fr = grid[0]
+        dt = self.self_attn.q.weight.dtype
+        mod = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)  # each [B, F, 1, d]
+
+        def modulate(y, shift, scale):
+            return (y.view(B, Fr, -1, d) * (1 + scale) + shift).view(B, L, d).to(dt)
+
+        sa = self.self_attn
+        y = modulate(self.norm1(x), mod[0], mod[1])
+        q = sa.heads(sa.norm_q(sa.q(y)))
+        k = sa.heads(sa.norm_k(sa.k(y)))
+        v = sa.heads(sa.v(y))
+        y = sa.o(attention.attend(layer, q, k, v, grid).flatten(2))
+        x = x + (y.float().view(B, Fr, -1, d) * mod[2]).view(B, L, d)
+        ca = self.cross_attn
+        cq = ca.heads(ca.norm_q(ca.q(self.norm3(x).to(dt))))
+        tk, tv = text_kv
+        c = F.scaled_dot_product_attention(cq.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2))
+        x = x + ca.o(c.transpose(1, 2).flatten(2)).float()
+        y = self.ffn(modulate(self.norm2(x), mod[3], mod[4]))
+        return x + (y.float().view(B, Fr, -1, d) * mod[5]).view(B, L, d)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * 4)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, grid):
+        B, L, d = x.shape
+        mod = (self.modulation.float()[:, None] + e[:, :, None]).chunk(2, dim=2)  # [B, F, 1, d]
+        y = self.norm(x).view(B, grid[0], -1, d) * (1 + mod[1]) + mod[0]
+        return self.head(y.view(B, L, d).to(self.head.weight.dtype))
+
+
+class FullSequenceAttention:
+    """Self-attention of a whole video in one pass: 3D RoPE at absolute positions and
+    ``chunk_attention`` (SPEC §1). The oracle streaming is checked against."""
+
+    def __init__(self, *, chunk_frames: int, sink_frames: int = 0, window_frames=None,
+                 theta: float = 10000.0):
+        self.chunk_frames, self.sink_frames = chunk_frames, sink_frames
+        self.window_frames, self.theta = window_frames, theta
+
+    def attend(self, layer, q, k, v, grid):
+        g = tuple(grid)
+        q = _rope.rope3d(q, grid=g, theta=self.theta)
+        k = _rope.rope3d(k, grid=g, theta=self.theta)
+        return _attention.chunk_attention(q, k, v, frame_tokens=g[1] * g[2],
+                                          chunk_frames=self.chunk_frames, sink_frames=self.sink_frames,
+                                          window_frames=self.window_frames)
+
+
+_CHECKPOINT_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "model.", "generator.")
+
+
+class StreamingDiT(nn.Module):
+    """Wan2.1-shaped DiT. ``StreamingDiT("tiny", seed=0)`` or ``StreamingDiT(DiTConfig(...))``;
+    random weights are drawn from ``seed``."""
+
+    def __init__(self, config="tiny", *, seed: int = 0, dtype=torch.float32, device=None):
+        super().__init__()
+        cfg = PRESETS.get(config) if isinstance(config, str) else config
+        if not isinstance(cfg, DiTConfig):
+            raise ValueError(f"config must be a preset name {sorted(PRESETS)} or a DiTConfig, got {config!r}")
+        if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
+            raise ValueError(f"dim ({cfg.dim}) must be a multiple of num_heads ({cfg.num_heads}) "
+                             "with an even head dim")
+        self.config = cfg
+        d = cfg.dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                                nn.Linear(d, d))
+            self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+            self.head = Head(cfg)
+            self._init_weights()
+        self.to(device=device, dtype=dtype)
+
+    def _init_weights(self):
+        # Wan's init, except that the head is not zeroed: random weights must give a signal.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.head.head.weight, std=0.02)
+
+    @property
+    def dtype(self):
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self):
+        return self.patch_embedding.weight.device
+
+    # -- text
+
+    def text_kv(self, text: torch.Tensor) -> list:
+        """Per layer the cross-attention K and V [B, Lt, H, Dh] of ``text`` [B, Lt, text_dim]
+        (zero-padded to ``text_len`` like Wan), computed once per video."""
+        cfg = self.config
+        if text.dim() != 3 or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text embeddings must be [B, Lt, text_dim={cfg.text_dim}], "
+                             f"got {tuple(text.shape)}")
+        if text.shape[1] < cfg.text_len:
+            text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[1]))
+        ctx = self.text_embedding(text.to(self.device, self.dtype))
+        out = []
+        for blk in self.blocks:
+            ca = blk.cross_attn
+            out.append((ca.heads(ca.norm_k(ca.k(ctx))), ca.heads(ca.v(ctx))))
+        return out
+
+    # -- forward
+
+    def forward(self, x: torch.Tensor, t, text_kv: list, attention) -> torch.Tensor:
+        """Flow prediction for latents ``x`` [B, in_dim, F, H, W] at timesteps ``t`` (a number,
+        [B] or per frame [B, F]); self-attention through ``attention`` (a cache or
+        ``FullSequenceAttention``). Returns [B, out_dim, F, H, W] float32."""
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim or x.shape[3] % 2 or x.shape[4] % 2:
+            raise ValueError(f"x must be [B, in_dim={cfg.in_dim}, F, H, W] with even H and W, "
+                             f"got {tuple(x.shape)}")
+        B, _, Fr, H, W = x.shape
+        grid = (Fr, H // 2, W // 2)
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+        t = t.reshape(-1, 1).expand(B, Fr) if t.dim() < 2 else t.expand(B, Fr)
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.reshape(-1)).to(self.dtype)).float()
+        e0 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, cfg.dim))
+        e, e0 = e.view(B, Fr, cfg.dim), e0.view(B, Fr, 6, cfg.dim)
+        h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        for layer, blk in enumerate(self.blocks):
+            h = blk(h, e0, grid, text_kv[layer], attention, layer)
+        out = self.head(h, e, grid).float()
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, x, grid):
+        Fr, h, w = grid
+        c = self.config.out_dim
+        x = x.view(x.shape[0], Fr, h, w, 1, 2, 2, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], c, Fr, h * 2, w * 2)
+
+    # -- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, num_heads: int | None = None, dtype=torch.float32,
+                        device="cpu", latent_hw=None) -> "StreamingDiT":
+        """Loads a Wan2.1 / Self-Forcing checkpoint: a ``.safetensors`` file, a folder of them
+        (``diffusion_pytorch_model*.safetensors``, with Wan's ``config.json``), or a torch file
+        (a state dict, or one under ``generator_ema`` / ``generator`` / ``state_dict`` / ``model``;
+        ``model.``-style wrapper prefixes are stripped). The architecture is read from the tensor
+        shapes; the head count from ``num_heads``, ``config.json`` or the preset of that width."""
+        state, meta = _load_state(path)
+        cfg = _config_from_state(state, num_heads or meta.get("num_heads"), latent_hw)
+        with torch.device("meta"):  # no random init of weights about to be replaced
+            model = cls(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path!r} does not match a Wan2.1 model: missing "
+                             f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+        return model.to(device=device, dtype=dtype)
+
+
+def _load_state(path: str):
+    meta = {}
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        cfg_file = os.path.join(path, "config.json")
+        if os.path.exists(cfg_file):
+            with open(cfg_file) as f:
+                meta = json.load(f)
+        if not files:
+            raise ValueError(f"no .safetensors files in {path!r}")
+    else:
+        files = [path]
+    state = {}
+    for fn in files:
+        if fn.endswith(".safetensors"):
+            state.update(_safetensors.load_file(fn))
+        else:
+            obj = torch.load(fn, map_location="cpu", weights_only=True)
+            for key in ("generator_ema", "generator", "state_dict", "model"):
+                if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                    obj = obj[key]
+                    break
+            state.update(obj)
+    clean = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _CHECKPOINT_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        clean[k] = v
+    clean.pop("freqs", None)
+    return clean, meta
+
+
+def _config_from_state(state: dict, num_heads, latent_hw) -> DiTConfig:
+    try:
+        pe = state["patch_embedding.weight"]
+        dim, in_dim = pe.shape[0], pe.shape[1]
+        layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+        ffn_dim = state["blocks.0.ffn.0.weight"].shape[0]
+        freq_dim = state["time_embedding.0.weight"].shape[1]
+        text_dim = state["text_embedding.0.weight"].shape[1]
+        out_dim = state["head.head.weight"].shape[0] // 4
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a Wan2.1 state dict (missing {e})") from None
+    if num_heads is None:
+        by_dim = {p.dim: p.num_heads for p in PRESETS.values()}
+        num_heads = by_dim.get(dim, {5120: 40}.get(dim, max(1, dim // 128)))
+    base = PRESETS["wan-1.3b"] if dim == PRESETS["wan-1.3b"].dim else PRESETS["tiny"]
+    return replace(base, dim=dim, num_heads=int(num_heads), num_layers=layers, ffn_dim=ffn_dim,
+                   freq_dim=freq_dim, text_dim=text_dim, in_dim=in_dim, out_dim=out_dim,
+                   cross_attn_norm="blocks.0.norm3.weight" in state,
+                   latent_hw=tuple(latent_hw) if latent_hw else base.latent_hw)
+
+
+def config_dict(cfg: DiTConfig) -> dict:
+    d = asdict(cfg)
+    d["head_dim"] = cfg.head_dim
+    d["frame_tokens"] = math.prod(cfg.frame_shape)
+    return d

@@ -1,0 +1,111 @@
+"""``StreamingGenerator``: Self-Forcing's chunk-by-chunk generation loop (SPEC §6).
+
+Per chunk of ``chunk_frames`` latent frames: a few flow-matching denoising steps (timesteps 1000,
+750, 500, 250 warped with shift 5.0; the model predicts the flow ``noise - x0``, so
+``x0 = x_t - sigma * flow``), re-noising the prediction to the next step's noise level in
+between; then one pass at t = 0 over the clean chunk that leaves its keys and values in the
+cache. Each finished chunk is yielded as soon as it is done.
+
+``backend="fused"`` runs the ``StreamingKVCache`` with the fastest vidstream kernels here;
+``backend="reference"`` runs every op eagerly with the ``NaiveKVCache`` (growing history,
+clone / re-rotate / concatenate each pass): the baseline to validate and time against. The same
+seed draws the same noise on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from . import backend as _backend
+from .cache import CacheConfig, NaiveKVCache, StreamingKVCache
+from .model import StreamingDiT
+
+BACKENDS = ("fused", "reference")
+
+
+def warp_timesteps(timesteps, shift: float = 5.0, num_train_timesteps: int = 1000) -> list[float]:
+    """Self-Forcing's warped denoising steps: step t maps to the shifted flow-matching schedule,
+    sigma = shift*s / (1 + (shift - 1)*s) with s = t / 1000; returned as 1000 * sigma."""
+    out = []
+    for t in timesteps:
+        s = float(t) / num_train_timesteps
+        out.append(num_train_timesteps * shift * s / (1 + (shift - 1) * s))
+    return out
+
+
+class StreamingGenerator:
+    """Generates a video of any length chunk by chunk in fixed memory.
+
+    ``model``: a ``StreamingDiT``. Cache partitions (latent frames): ``sink_frames``,
+    ``recent_frames`` (full resolution, besides the current chunk), ``mid_blocks`` compressed
+    blocks of which ``top_k`` are attended (``None``: all), ``mid_evict`` "oldest" or "lowest";
+    ``compressor``: mid-block compressor (default ``cache.default_compressor()``)."""
+
+    def __init__(self, model: StreamingDiT, *, chunk_frames: int = 3, sink_frames: int = 3,
+                 recent_frames: int = 6, mid_blocks: int = 8, top_k: Optional[int] = 4,
+                 mid_evict: str = "oldest", compressor=None, timesteps=(1000, 750, 500, 250),
+                 shift: float = 5.0, backend: str = "fused", seed: int = 0, batch: int = 1,
+                 select_stride: int = 8, max_frames_rope: int = 1024):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not timesteps:
+            raise ValueError("timesteps must name at least one denoising step")
+        self.model = model
+        self.backend = backend
+        self.seed = seed
+        self.batch = batch
+        self.sigmas = [t / 1000.0 for t in warp_timesteps(timesteps, shift)]
+        self.config = CacheConfig(chunk_frames=chunk_frames, sink_frames=sink_frames,
+                                  recent_frames=recent_frames, mid_blocks=mid_blocks, top_k=top_k,
+                                  mid_evict=mid_evict, select_stride=select_stride,
+                                  max_frames_rope=max_frames_rope)
+        mc = model.config
+        cls = StreamingKVCache if backend == "fused" else NaiveKVCache
+        self.cache = cls(num_layers=mc.num_layers, batch=batch, kv_heads=mc.num_heads,
+                         head_dim=mc.head_dim, frame_shape=mc.frame_shape, config=self.config,
+                         compressor=compressor, dtype=model.dtype, device=model.device)
+
+    def _ops(self):
+        return _backend.use_backend("reference") if self.backend == "reference" else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def stream(self, text_embeddings: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
+        """Yields the latent chunks [B, 16, F, H, W] (float32) of a ``num_frames``-frame video
+        conditioned on ``text_embeddings`` [B, Lt, text_dim]; the last chunk may be shorter."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        model, mc = self.model, self.model.config
+        dev = model.device
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        self.cache.reset()
+        B = text_embeddings.shape[0]
+        if B != self.batch:
+            raise ValueError(f"text_embeddings has batch {B}, the generator was built for {self.batch}")
+        with self._ops():
+            text_kv = model.text_kv(text_embeddings)
+        C = self.config.chunk_frames
+        H, W = mc.latent_hw
+        done = 0
+        while done < num_frames:
+            F = min(C, num_frames - done)
+            shape = (B, mc.in_dim, F, H, W)
+            x = torch.randn(shape, generator=gen, device=dev)
+            with self._ops():
+                self.cache.begin_chunk(F)
+                for i, sigma in enumerate(self.sigmas):
+                    flow = model(x, sigma * 1000.0, text_kv, self.cache)
+                    x0 = x - sigma * flow
+                    if i + 1 < len(self.sigmas):
+                        nxt = self.sigmas[i + 1]
+                        x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=gen, device=dev)
+                model(x0, 0.0, text_kv, self.cache)
+                self.cache.end_chunk()
+            done += F
+            yield x0
+
+    def generate(self, text_embeddings: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The whole latent video [B, 16, num_frames, H, W]."""
+        return torch.cat(list(self.stream(text_embeddings, num_frames)), dim=2)
