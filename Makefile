@@ -44,7 +44,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: build
-	$(PY) bench/bench_rope.py
+	$(PY) -m vidstream demo --compare --out out/demo
 
 bench: build
 	$(PY) bench/bench_rope.py

@@ -40,8 +40,10 @@ def _run(model, text, args, backend, label, keep_chunks):
         from tqdm import tqdm
     except ImportError:  # a plain counter without tqdm
         tqdm = None
+    # Redirected to a log (CI), a bar redrawn ten times a second would flood it.
     bar = None if tqdm is None else tqdm(total=args.frames, desc=label, unit="frame", dynamic_ncols=True,
-                                         file=sys.stdout)
+                                         file=sys.stdout,
+                                         mininterval=0.1 if sys.stdout.isatty() else 10.0)
     rows, chunks, done = [], [], 0
     t_start = time.perf_counter()
     stream = gen.stream(text, args.frames)
