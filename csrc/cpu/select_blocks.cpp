@@ -1,0 +1,152 @@
+// C++ CPU kernel of select_blocks (SPEC §5). "mean" never forms QK^T: it reduces the sampled
+// queries to one sum per (batch, head) and each block's keys to one sum per (batch, kv head),
+// then takes D-long dot products. "max" reduces the queries to their mean and takes one dot
+// product per key. Sums run in float64: they are O((|S| + tokens) * D) adds, cheap next to the
+// memory traffic, and keep the scores at least as accurate as eager float32.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+
+#include "select_common.h"
+
+namespace vidstream {
+namespace {
+
+template <typename T>
+inline double dot_d(const double* a, const T* b, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += a[d + u] * static_cast<double>(static_cast<float>(b[d + u]));
+  for (; d < n; ++d) acc[0] += a[d] * static_cast<double>(static_cast<float>(b[d]));
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <typename T>
+void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const SelectProblem& p,
+                       int64_t query_stride, const std::vector<int64_t>& heads,
+                       const std::vector<int64_t>& kv_of, double scale, const at::Tensor& sums,
+                       float* out) {
+  const int64_t B = p.batch, D = p.head_dim, Hs = static_cast<int64_t>(heads.size());
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_pool.data_ptr<T>();
+  const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
+  const int64_t skb = k_pool.stride(0), skl = k_pool.stride(1), skh = k_pool.stride(2);
+
+  // qred[b, hi, :] = sum over sampled queries i of q[b, i, heads[hi], :].
+  std::vector<double> qred(B * Hs * D, 0.0);
+  at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / Hs, hi = n % Hs;
+      double* acc = qred.data() + n * D;
+      for (int64_t i = 0; i < p.q_len; i += query_stride) {
+        const T* row = qp + b * sqb + i * sql + heads[hi] * sqh;
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(static_cast<float>(row[d]));
+      }
+    }
+  });
+
+  // The distinct kv heads the chosen query heads read, so grouped heads sum a block once.
+  std::vector<int64_t> kv_used(kv_of);
+  std::sort(kv_used.begin(), kv_used.end());
+  kv_used.erase(std::unique(kv_used.begin(), kv_used.end()), kv_used.end());
+  const int64_t U = static_cast<int64_t>(kv_used.size());
+  std::vector<int64_t> slot_of(Hs);
+  for (int64_t hi = 0; hi < Hs; ++hi)
+    slot_of[hi] = std::lower_bound(kv_used.begin(), kv_used.end(), kv_of[hi]) - kv_used.begin();
+
+  if (p.mean) {
+    const double norm = scale / static_cast<double>(B * Hs * p.sampled);
+    const double* sp = sums.defined() ? sums.data_ptr<double>() : nullptr;
+    at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> ksum(U * D);
+      for (int64_t m = begin; m < end; ++m) {
+        double total = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+          if (sp == nullptr) {
+            std::fill(ksum.begin(), ksum.end(), 0.0);
+            for (int64_t j = p.ranges[m].first; j < p.ranges[m].second; ++j)
+              for (int64_t u = 0; u < U; ++u) {
+                const T* row = kp + b * skb + j * skl + kv_used[u] * skh;
+                double* acc = ksum.data() + u * D;
+                for (int64_t d = 0; d < D; ++d)
+                  acc[d] += static_cast<double>(static_cast<float>(row[d]));
+              }
+          }
+          for (int64_t hi = 0; hi < Hs; ++hi) {
+            const double* qv = qred.data() + (b * Hs + hi) * D;
+            const double* kv = sp != nullptr
+                                   ? sp + ((b * p.blocks + m) * p.kv_heads + kv_of[hi]) * D
+                                   : ksum.data() + slot_of[hi] * D;
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; ++d) acc += qv[d] * kv[d];
+            total += acc;
+          }
+        }
+        out[m] = static_cast<float>(total * norm);
+      }
+    });
+    return;
+  }
+
+  const double inv_s = 1.0 / static_cast<double>(p.sampled);
+  for (double& v : qred) v *= inv_s;  // qbar
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> best(Hs);
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t s = p.ranges[m].first, e = p.ranges[m].second;
+      if (s == e) {
+        out[m] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      double total = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        std::fill(best.begin(), best.end(), -std::numeric_limits<double>::infinity());
+        for (int64_t j = s; j < e; ++j)
+          for (int64_t hi = 0; hi < Hs; ++hi) {
+            const T* row = kp + b * skb + j * skl + kv_of[hi] * skh;
+            const double v = scale * dot_d(qred.data() + (b * Hs + hi) * D, row, D);
+            best[hi] = std::max(best[hi], v);
+          }
+        for (int64_t hi = 0; hi < Hs; ++hi) total += best[hi];
+      }
+      out[m] = static_cast<float>(total / static_cast<double>(B * Hs));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& block_ranges, int64_t k,
+    int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
+    const std::optional<at::Tensor>& block_key_sums) {
+  const SelectProblem p =
+      check_select_inputs(q_in, k_in, block_ranges, k, query_stride, heads, score, block_key_sums);
+  TORCH_CHECK(q_in.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
+  // The inner loops walk the head dim with unit stride.
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k_pool = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor sums = (block_key_sums && p.mean)
+                              ? block_key_sums->to(at::kDouble).contiguous()
+                              : at::Tensor();
+  std::vector<int64_t> hv(heads.begin(), heads.end()), kv_of(heads.size());
+  const int64_t group = p.heads / p.kv_heads;
+  for (size_t i = 0; i < hv.size(); ++i) kv_of[i] = hv[i] / group;
+  at::Tensor scores = at::empty({p.blocks}, q.options().dtype(at::kFloat));
+  float* sp = scores.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "select_blocks_cpu",
+                                  [&] {
+                                    select_scores_cpu<scalar_t>(q, k_pool, p, query_stride, hv,
+                                                                kv_of, scale, sums, sp);
+                                  });
+  const std::vector<int64_t> top = topk_ascending(sp, p.blocks, k);
+  at::Tensor idx = at::empty({static_cast<int64_t>(top.size())}, q.options().dtype(at::kLong));
+  std::copy(top.begin(), top.end(), idx.data_ptr<int64_t>());
+  return {scores, idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vidstream, CPU, m) { m.impl("select_blocks", &select_blocks_cpu); }
+
+}  // namespace vidstream
