@@ -4,7 +4,7 @@ The ops follow the contract in SPEC.md. Each has a ``reference`` (eager PyTorch)
 where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()`` and
 ``vidstream.use_backend``."""
 
-from . import _extension, reference
+from . import _extension, compress, reference, selection
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
 from .lowrank import lowrank_cached_attention, lowrank_decompress
@@ -20,11 +20,13 @@ __all__ = [
     "backends",
     "cached_attention",
     "chunk_attention",
+    "compress",
     "lowrank_cached_attention",
     "lowrank_decompress",
     "reference",
     "rope3d",
     "rope3d_shift_",
     "select_blocks",
+    "selection",
     "use_backend",
 ]
