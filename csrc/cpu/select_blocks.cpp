@@ -3,6 +3,7 @@
 // then takes D-long dot products. "max" reduces the queries to their mean and takes one dot
 // product per key. Sums run in float64: they are O((|S| + tokens) * D) adds, cheap next to the
 // memory traffic, and keep the scores at least as accurate as eager float32.
+// Work is split over blocks; per-block arithmetic is fixed, so equal blocks score equally.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -13,14 +14,38 @@
 namespace vidstream {
 namespace {
 
+// acc[0, D) += the n rows base + r * row_stride. Float partial sums over runs of kRun rows
+// vectorise; folding each run into float64 keeps long sums (thousands of queries) accurate.
+constexpr int64_t kRun = 32;
+
+// Items per parallel chunk so that a chunk holds about 2M element operations: waking a second
+// thread costs more than the whole selection when there is less (and far more on a busy host).
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 21) / std::max<int64_t>(1, work_per_item));
+}
+
 template <typename T>
-inline double dot_d(const double* a, const T* b, int64_t n) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t d = 0;
-  for (; d + 4 <= n; d += 4)
-    for (int u = 0; u < 4; ++u) acc[u] += a[d + u] * static_cast<double>(static_cast<float>(b[d + u]));
-  for (; d < n; ++d) acc[0] += a[d] * static_cast<double>(static_cast<float>(b[d]));
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+inline void add_rows(double* acc, const T* base, int64_t row_stride, int64_t n, int64_t D,
+                     float* tmp) {
+  for (int64_t r0 = 0; r0 < n; r0 += kRun) {
+    std::fill(tmp, tmp + D, 0.f);
+    const int64_t r1 = std::min(n, r0 + kRun);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = base + r * row_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) tmp[d] += static_cast<float>(row[d]);
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(tmp[d]);
+  }
+}
+
+template <typename T>
+inline float dot_f(const float* a, const T* b, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * static_cast<float>(b[d]);
+  return acc;
 }
 
 template <typename T>
@@ -36,14 +61,12 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
 
   // qred[b, hi, :] = sum over sampled queries i of q[b, i, heads[hi], :].
   std::vector<double> qred(B * Hs * D, 0.0);
-  at::parallel_for(0, B * Hs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hs, grain_for(p.sampled * D), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / Hs, hi = n % Hs;
-      double* acc = qred.data() + n * D;
-      for (int64_t i = 0; i < p.q_len; i += query_stride) {
-        const T* row = qp + b * sqb + i * sql + heads[hi] * sqh;
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(static_cast<float>(row[d]));
-      }
+      std::vector<float> tmp(D);
+      add_rows(qred.data() + n * D, qp + b * sqb + heads[hi] * sqh, query_stride * sql, p.sampled,
+               D, tmp.data());
     }
   });
 
@@ -58,29 +81,32 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
 
   if (p.mean) {
     const double norm = scale / static_cast<double>(B * Hs * p.sampled);
-    const double* sp = sums.defined() ? sums.data_ptr<double>() : nullptr;
-    at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    const float* sp = sums.defined() ? sums.data_ptr<float>() : nullptr;
+    const int64_t avg_len = p.blocks ? p.pool_len / p.blocks + 1 : 1;
+    const int64_t per_block = B * (Hs * D + (sp ? 0 : U * D * avg_len));
+    at::parallel_for(0, p.blocks, grain_for(per_block), [&](int64_t begin, int64_t end) {
       std::vector<double> ksum(U * D);
+      std::vector<float> tmp(D);
       for (int64_t m = begin; m < end; ++m) {
         double total = 0.0;
         for (int64_t b = 0; b < B; ++b) {
           if (sp == nullptr) {
             std::fill(ksum.begin(), ksum.end(), 0.0);
-            for (int64_t j = p.ranges[m].first; j < p.ranges[m].second; ++j)
-              for (int64_t u = 0; u < U; ++u) {
-                const T* row = kp + b * skb + j * skl + kv_used[u] * skh;
-                double* acc = ksum.data() + u * D;
-                for (int64_t d = 0; d < D; ++d)
-                  acc[d] += static_cast<double>(static_cast<float>(row[d]));
-              }
+            const int64_t s = p.ranges[m].first, len = p.ranges[m].second - s;
+            for (int64_t u = 0; u < U; ++u)
+              add_rows(ksum.data() + u * D, kp + b * skb + s * skl + kv_used[u] * skh, skl, len,
+                       D, tmp.data());
           }
           for (int64_t hi = 0; hi < Hs; ++hi) {
             const double* qv = qred.data() + (b * Hs + hi) * D;
-            const double* kv = sp != nullptr
-                                   ? sp + ((b * p.blocks + m) * p.kv_heads + kv_of[hi]) * D
-                                   : ksum.data() + slot_of[hi] * D;
             double acc = 0.0;
-            for (int64_t d = 0; d < D; ++d) acc += qv[d] * kv[d];
+            if (sp != nullptr) {
+              const float* kv = sp + ((b * p.blocks + m) * p.kv_heads + kv_of[hi]) * D;
+              for (int64_t d = 0; d < D; ++d) acc += qv[d] * static_cast<double>(kv[d]);
+            } else {
+              const double* kv = ksum.data() + slot_of[hi] * D;
+              for (int64_t d = 0; d < D; ++d) acc += qv[d] * kv[d];
+            }
             total += acc;
           }
         }
@@ -90,9 +116,12 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
     return;
   }
 
+  // qbar in float: one float32 dot product per key, as eager float32 takes it.
   const double inv_s = 1.0 / static_cast<double>(p.sampled);
-  for (double& v : qred) v *= inv_s;  // qbar
-  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+  std::vector<float> qbar(qred.size());
+  for (size_t i = 0; i < qred.size(); ++i) qbar[i] = static_cast<float>(qred[i] * inv_s);
+  const int64_t avg_len = p.blocks ? p.pool_len / p.blocks + 1 : 1;
+  at::parallel_for(0, p.blocks, grain_for(B * Hs * D * avg_len), [&](int64_t begin, int64_t end) {
     std::vector<double> best(Hs);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t s = p.ranges[m].first, e = p.ranges[m].second;
@@ -106,7 +135,7 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
         for (int64_t j = s; j < e; ++j)
           for (int64_t hi = 0; hi < Hs; ++hi) {
             const T* row = kp + b * skb + j * skl + kv_of[hi] * skh;
-            const double v = scale * dot_d(qred.data() + (b * Hs + hi) * D, row, D);
+            const double v = scale * static_cast<double>(dot_f(qbar.data() + (b * Hs + hi) * D, row, D));
             best[hi] = std::max(best[hi], v);
           }
         for (int64_t hi = 0; hi < Hs; ++hi) total += best[hi];
@@ -126,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
   // The inner loops walk the head dim with unit stride.
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k_pool = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  // A no-op for the float32 sums block_key_sums() makes; an ATen conversion of anything else.
   const at::Tensor sums = (block_key_sums && p.mean)
-                              ? block_key_sums->to(at::kDouble).contiguous()
+                              ? block_key_sums->to(at::kFloat).contiguous()
                               : at::Tensor();
   std::vector<int64_t> hv(heads.begin(), heads.end()), kv_of(heads.size());
   const int64_t group = p.heads / p.kv_heads;
