@@ -230,15 +230,16 @@ def test_cpp_op_rejects_bad_inputs():
             op(*args)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("sums", [False, True])
 @pytest.mark.parametrize("score", ["mean", "max"])
-def test_opcheck_cpu(sums, score):
-    require("cpu", "select_blocks", "cpu", torch.float32)
-    args = list(_op_args(sums=sums))
+def test_opcheck(device, sums, score):
+    require(device, "select_blocks", device, torch.float32)
+    args = list(_op_args(sums=sums, device=device))
     args[6] = score
     torch.library.opcheck(torch.ops.vidstream.select_blocks.default, tuple(args))
     torch.library.opcheck(torch.ops.vidstream.select_blocks.default,
-                          tuple(_op_args(B=2, Lq=9, H=2, H_kv=1, M=7, k=9, sums=sums)))
+                          tuple(_op_args(B=2, Lq=9, H=2, H_kv=1, M=7, k=9, sums=sums, device=device)))
 
 
 def test_opcheck_triton_schema_and_fake():
