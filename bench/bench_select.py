@@ -69,7 +69,10 @@ def main():
                     "on a GPU, float32 on a CPU)")
     ap.add_argument("--json", default=None, help="write results to this file or folder")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)

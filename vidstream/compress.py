@@ -91,17 +91,22 @@ def rope_at(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, 
     return _rotate(x, ang[None])
 
 
-def _grid_positions(grid, frame_offset: float, device) -> tuple[torch.Tensor, ...]:
-    F, h, w = grid
-    i = torch.arange(F * h * w, device=device)
-    return ((i // (h * w)).double() + float(frame_offset), ((i % (h * w)) // w).double(),
-            (i % w).double())
+def _unrotate(k, grid, frame_offset, theta, t_theta):
+    """Undoes ``rope3d(., grid, frame_offset)``. Rotating by -a is conj(rotate(conj(x), a)) with
+    conj negating the odd channel of each pair, so the fast ``rope3d`` kernels do the work."""
+    from .rope import rope3d
+
+    sign = torch.ones(k.shape[3], dtype=k.dtype, device=k.device)
+    sign[1::2] = -1
+    return rope3d(k * sign, grid=tuple(grid), frame_offset=frame_offset, theta=theta,
+                  t_theta=t_theta) * sign
 
 
 class MidCompressor:
     """The interface: ``compressor(k, v, grid=..., frame_offset=..., theta=..., t_theta=...)``
     returns ``(k_mid, v_mid)`` with ``mid_tokens(grid)`` tokens. Subclasses implement
-    ``_compress_content(k, v)`` on un-rotated, cropped inputs shaped [B, H, C, F, h, w]."""
+    ``_compress_content(k, v)``: un-rotated inputs cropped to whole cells, [B, F, h, w, H, C]
+    in, [B, F', h', w', H, C] out."""
 
     factors: tuple[int, int, int] = DEFAULT_FACTORS
 
@@ -123,21 +128,16 @@ class MidCompressor:
         Fp, hp, wp = self.out_grid(grid)
         ft, fh, fw = self.factors
         if rotated:
-            t, y, x = _grid_positions(grid, frame_offset, k.device)
-            k = rope_at(k, -t, -y, -x, theta=theta, t_theta=t_theta)
+            k = _unrotate(k, grid, frame_offset, theta, t_theta)
         B, _, H, _ = k.shape
         F, h, w = grid
 
-        def cells(z):  # [B, L, H, C] -> [B, H, C, F', h', w'] cropped to whole cells
-            z = z.reshape(B, F, h, w, H, z.shape[3])[:, : Fp * ft, : hp * fh, : wp * fw]
-            return z.permute(0, 4, 5, 1, 2, 3)
+        def cells(z):  # [B, L, H, C] -> [B, F, h, w, H, C] cropped to whole cells (a view)
+            return z.reshape(B, F, h, w, H, z.shape[3])[:, : Fp * ft, : hp * fh, : wp * fw]
 
-        kc, vc = self._compress_content(cells(k), cells(v))  # [B, H, C, F', h', w']
-
-        def tokens(z):
-            return z.permute(0, 3, 4, 5, 1, 2).reshape(B, Fp * hp * wp, H, z.shape[2])
-
-        k_mid, v_mid = tokens(kc), tokens(vc)
+        kc, vc = self._compress_content(cells(k), cells(v))  # [B, F', h', w', H, C]
+        k_mid = kc.reshape(B, Fp * hp * wp, H, kc.shape[-1])
+        v_mid = vc.reshape(B, Fp * hp * wp, H, vc.shape[-1])
         if rotated:
             t, y, x = pooled_positions(grid, self.factors, frame_offset, k.device)
             k_mid = rope_at(k_mid, t, y, x, theta=theta, t_theta=t_theta)
@@ -159,12 +159,13 @@ def _check_inputs(k, v, grid, t_theta, rotated):
 
 
 def _avg_cells(z: torch.Tensor, factors) -> torch.Tensor:
-    """Mean over each (ft, fh, fw) cell of z [B, H, C, F, h, w] (whole cells only)."""
-    B, H, C, F, h, w = z.shape
+    """Mean over each (ft, fh, fw) cell of z [B, F, h, w, H, C] (whole cells only), in float32
+    (float64 for float64). Splitting dims keeps a view; the sums run along contiguous H*C."""
+    B, F, h, w, H, C = z.shape
     ft, fh, fw = factors
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    z = z.to(acc).reshape(B, H, C, F // ft, ft, h // fh, fh, w // fw, fw)
-    return z.mean(dim=(4, 6, 8))
+    z = z.reshape(B, F // ft, ft, h // fh, fh, w // fw, fw, H, C)
+    return z.sum(dim=(2, 4, 6), dtype=acc) / (ft * fh * fw)
 
 
 class PoolCompressor(MidCompressor):
@@ -220,15 +221,15 @@ class ConvCompressor(nn.Module, MidCompressor):
         self.v_net = _ConvStack(v_head_dim, hidden, self.factors)
 
     def _run(self, net: _ConvStack, z: torch.Tensor) -> torch.Tensor:
-        B, H, C, F, h, w = z.shape
-        wdt = net.out.weight.dtype
-        y = net(z.reshape(B * H, C, F, h, w).to(wdt))
-        return y.reshape(B, H, C, *y.shape[2:]).to(z.dtype)
+        B, F, h, w, H, C = z.shape
+        x = z.permute(0, 4, 5, 1, 2, 3).reshape(B * H, C, F, h, w).to(net.out.weight.dtype)
+        y = net(x)  # [B*H, C, F', h', w']
+        return y.reshape(B, H, C, *y.shape[2:]).permute(0, 3, 4, 5, 1, 2).to(z.dtype)
 
     def _compress_content(self, k, v):
-        if k.shape[2] != self.k_net.down.in_channels or v.shape[2] != self.v_net.down.in_channels:
+        if k.shape[-1] != self.k_net.down.in_channels or v.shape[-1] != self.v_net.down.in_channels:
             raise ValueError(f"ConvCompressor was built for head dims (k {self.k_net.down.in_channels}"
-                             f", v {self.v_net.down.in_channels}), got (k {k.shape[2]}, v {v.shape[2]})")
+                             f", v {self.v_net.down.in_channels}), got (k {k.shape[-1]}, v {v.shape[-1]})")
         return self._run(self.k_net, k), self._run(self.v_net, v)
 
     def forward(self, k, v, *, grid, frame_offset=0.0, theta=10000.0, t_theta=None, rotated=True):
