@@ -269,3 +269,19 @@ def test_torch_compile_fullgraph_cpu():
     want = pick(q, kp, r, sums)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("score", ["mean", "max"])
+def test_strided_views(backend, device, score):
+    """q and k_pool as views into larger buffers (the cache hands out slices of its pool)."""
+    require(backend, "select_blocks", device, torch.float32)
+    q = torch.randn(1, 30, 8, 16, device=device)[:, :, ::2]  # head stride 32
+    kp = torch.randn(1, 90, 6, 16, device=device)[:, 5:85, 1:4:2]  # [1, 80, 2, 16]
+    r = _ranges([7, 9, 4, 12, 5], shuffle=True)
+    oracle, eager = _oracle(q, kp, r, 3, [0, 1, 3], score)
+    kw = dict(query_stride=3, heads=[0, 1, 3], score=score)
+    scores = run(backend, selection.block_scores, q, kp, r, **kw)
+    _finite_close(scores, oracle, eager, f"{backend} strided {score}")
+    idx = run(backend, vidstream.select_blocks, q, kp, r, 2, **kw)
+    _check_indices(idx, scores, oracle, 2, f"{backend} strided {score}")

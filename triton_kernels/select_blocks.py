@@ -100,7 +100,9 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
                     best = tl.maximum(best, tl.where(j < end, dots, float("-inf")))
                 total += tl.max(best, axis=0)
     tl.store(scores_ptr + m, total * norm)
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    # Every thread's part of the store happens before the ticket (release is cumulative).
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if done == M - 1:
         _topk_tail(scores_ptr, idx_ptr, M, K, TILE)
 
