@@ -48,18 +48,19 @@ def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_s
 
 def block_key_sums(k_pool: torch.Tensor, block_ranges) -> torch.Tensor:
     """float32 [B, M, H_kv, D]: the sum of the keys of each block of ``block_ranges`` (float64
-    for float64 keys). A cache computes this once when it writes a block."""
+    for float64 keys). A cache computes this once when it writes a block (``k_block.sum(1,
+    dtype=torch.float32)`` is the same thing for one block). One plain reduction per block, so
+    equal blocks get bitwise-equal sums on every device (no atomics)."""
     _validate.tensor(k_pool, "k_pool", 4, "[B, P, H_kv, D]")
     _validate.floating(k_pool, "k_pool")
     host = _validate.ranges(block_ranges, k_pool.shape[1], "block_ranges")
     acc = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
     B, _, H_kv, D = k_pool.shape
-    lens = (host[:, 1] - host[:, 0]).long()
-    tok = torch.cat([torch.arange(int(s), int(e)) for s, e in host.tolist()] or
-                    [torch.zeros(0, dtype=torch.long)])
-    seg = torch.repeat_interleave(torch.arange(host.shape[0]), lens)
     out = torch.zeros(B, host.shape[0], H_kv, D, dtype=acc, device=k_pool.device)
-    return out.index_add_(1, seg.to(k_pool.device), k_pool[:, tok.to(k_pool.device)].to(acc))
+    for m, (s, e) in enumerate(host.tolist()):
+        if e > s:
+            out[:, m] = k_pool[:, s:e].sum(1, dtype=acc)
+    return out
 
 
 def _reference(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
