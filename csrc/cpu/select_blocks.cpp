@@ -30,7 +30,19 @@ inline void add_rows(double* acc, const T* base, int64_t row_stride, int64_t n, 
   for (int64_t r0 = 0; r0 < n; r0 += kRun) {
     std::fill(tmp, tmp + D, 0.f);
     const int64_t r1 = std::min(n, r0 + kRun);
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+    // Four rows per pass over tmp: one load and store of tmp per four rows read.
+    for (; r + 4 <= r1; r += 4) {
+      const T* a = base + r * row_stride;
+      const T* b = a + row_stride;
+      const T* c = b + row_stride;
+      const T* e = c + row_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d)
+        tmp[d] += (static_cast<float>(a[d]) + static_cast<float>(b[d])) +
+                  (static_cast<float>(c[d]) + static_cast<float>(e[d]));
+    }
+    for (; r < r1; ++r) {
       const T* row = base + r * row_stride;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) tmp[d] += static_cast<float>(row[d]);
@@ -46,6 +58,25 @@ inline float dot_f(const float* a, const T* b, int64_t D) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) acc += a[d] * static_cast<float>(b[d]);
   return acc;
+}
+
+// Four rows against one vector, sharing its loads.
+template <typename T>
+inline void dot4_f(const float* a, const T* r0, const T* r1, const T* r2, const T* r3, int64_t D,
+                   float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t d = 0; d < D; ++d) {
+    const float x = a[d];
+    s0 += x * static_cast<float>(r0[d]);
+    s1 += x * static_cast<float>(r1[d]);
+    s2 += x * static_cast<float>(r2[d]);
+    s3 += x * static_cast<float>(r3[d]);
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 template <typename T>
@@ -132,12 +163,20 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
       double total = 0.0;
       for (int64_t b = 0; b < B; ++b) {
         std::fill(best.begin(), best.end(), -std::numeric_limits<double>::infinity());
-        for (int64_t j = s; j < e; ++j)
-          for (int64_t hi = 0; hi < Hs; ++hi) {
-            const T* row = kp + b * skb + j * skl + kv_of[hi] * skh;
-            const double v = scale * static_cast<double>(dot_f(qbar.data() + (b * Hs + hi) * D, row, D));
-            best[hi] = std::max(best[hi], v);
+        for (int64_t hi = 0; hi < Hs; ++hi) {
+          const float* qv = qbar.data() + (b * Hs + hi) * D;
+          const T* k0 = kp + b * skb + kv_of[hi] * skh;
+          float d4[4];
+          int64_t j = s;
+          for (; j + 4 <= e; j += 4) {
+            const T* r = k0 + j * skl;
+            dot4_f(qv, r, r + skl, r + 2 * skl, r + 3 * skl, D, d4);
+            for (int u = 0; u < 4; ++u)
+              best[hi] = std::max(best[hi], scale * static_cast<double>(d4[u]));
           }
+          for (; j < e; ++j)
+            best[hi] = std::max(best[hi], scale * static_cast<double>(dot_f(qv, k0 + j * skl, D)));
+        }
         for (int64_t hi = 0; hi < Hs; ++hi) total += best[hi];
       }
       out[m] = static_cast<float>(total / static_cast<double>(B * Hs));
