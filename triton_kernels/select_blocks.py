@@ -1,6 +1,7 @@
 """Triton kernels of select_blocks (SPEC §5), registered as ``vidstream::select_blocks_triton``.
 
-Two launches, no ``QK^T``: (1) one program per (batch, chosen head) sums the sampled queries;
+Two launches, no ``QK^T``: (1) one program per (batch, chosen head) sums the sampled queries
+(float64 accumulators fed by float32 tiles);
 (2) one program per block reduces its keys (or reads the cached key sums) against those sums and
 writes s_m; the program that finishes last (an acq_rel atomic counter, zeroed by launch 1) ranks
 all M scores and writes the top-k indices, ascending, ties to the smaller index."""
@@ -27,13 +28,15 @@ def _reduce_queries_kernel(q_ptr, heads_ptr, qred_ptr, counter_ptr, Lq, n_sample
     h = tl.load(heads_ptr + hi)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    # float32 sums of BLOCK_S rows, folded into float64: thousands of queries stay accurate.
+    acc = tl.zeros([BLOCK_D], tl.float64)
     for s0 in range(0, n_sampled, BLOCK_S):
         i = (s0 + tl.arange(0, BLOCK_S)) * stride
         m = (i < Lq)[:, None] & dm[None, :]
-        acc += tl.load(q_ptr + b * sqb + h * sqh + i[:, None].to(tl.int64) * sql + d[None, :],
+        tile = tl.load(q_ptr + b * sqb + h * sqh + i[:, None].to(tl.int64) * sql + d[None, :],
                        mask=m, other=0.0).to(tl.float32)
-    tl.store(qred_ptr + pid * D + d, tl.sum(acc, axis=0) * inv, mask=dm)
+        acc += tl.sum(tile, axis=0).to(tl.float64)
+    tl.store(qred_ptr + pid * D + d, acc * inv, mask=dm)
 
 
 @triton.jit
@@ -70,26 +73,29 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
     end = tl.load(ranges_ptr + 2 * m + 1)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    total = tl.sum(tl.zeros([BLOCK_D], tl.float32), axis=0)
+    # "mean" sums in float64 (float32 within a tile): the factorised score cancels terms of
+    # size |q| |k| down to a small s_m, which float32 sums would not resolve.
+    total = tl.sum(tl.zeros([BLOCK_D], tl.float64), axis=0)
     for b in range(B):
         for hi in range(Hs):
             kvh = tl.load(heads_ptr + hi) // group
-            qv = tl.load(qred_ptr + (b * Hs + hi) * D + d, mask=dm, other=0.0)
+            qv64 = tl.load(qred_ptr + (b * Hs + hi) * D + d, mask=dm, other=0.0)
             kbase = k_ptr + b * skb + kvh * skh
             if MEAN:
                 if HAS_SUMS:
                     ks = tl.load(sums_ptr + b * ssb + m * ssm + kvh * ssh + d, mask=dm,
-                                 other=0.0).to(tl.float32)
+                                 other=0.0).to(tl.float64)
                 else:
-                    acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+                    ks = tl.zeros([BLOCK_D], tl.float64)
                     for j0 in range(start, end, BLOCK_J):
                         j = j0 + tl.arange(0, BLOCK_J)
                         msk = (j < end)[:, None] & dm[None, :]
-                        acc += tl.load(kbase + j[:, None].to(tl.int64) * skl + d[None, :],
+                        tile = tl.load(kbase + j[:, None].to(tl.int64) * skl + d[None, :],
                                        mask=msk, other=0.0).to(tl.float32)
-                    ks = tl.sum(acc, axis=0)
-                total += tl.sum(qv * ks, axis=0)
+                        ks += tl.sum(tile, axis=0).to(tl.float64)
+                total += tl.sum(qv64 * ks, axis=0)
             else:
+                qv = qv64.to(tl.float32)
                 best = tl.full([BLOCK_J], float("-inf"), tl.float32)
                 for j0 in range(start, end, BLOCK_J):
                     j = j0 + tl.arange(0, BLOCK_J)
@@ -98,8 +104,8 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
                                  other=0.0).to(tl.float32)
                     dots = tl.sum(kk * qv[None, :], axis=1) * scale
                     best = tl.maximum(best, tl.where(j < end, dots, float("-inf")))
-                total += tl.max(best, axis=0)
-    tl.store(scores_ptr + m, total * norm)
+                total += tl.max(best, axis=0).to(tl.float64)
+    tl.store(scores_ptr + m, (total * norm).to(tl.float32))
     # Every thread's part of the store happens before the ticket (release is cumulative).
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
@@ -130,7 +136,7 @@ def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: to
     heads_t = torch.tensor(heads, dtype=torch.int32, device=dev)
     Hs = len(heads)
     n_sampled = (Lq + query_stride - 1) // query_stride
-    qred = torch.empty(B * Hs, D, dtype=torch.float32, device=dev)
+    qred = torch.empty(B * Hs, D, dtype=torch.float64, device=dev)
     counter = torch.empty(1, dtype=torch.int32, device=dev)
     block_d = triton.next_power_of_2(D)
     wrap_triton(_reduce_queries_kernel)[(B * Hs,)](

@@ -44,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
       at::tensor(hv, at::TensorOptions().dtype(at::kInt)).to(q.device(), /*non_blocking=*/false);
   const at::Tensor ranges_dev = block_ranges.to(q.device(), at::kInt).contiguous();
   const int64_t hs = static_cast<int64_t>(hv.size());
-  at::Tensor qpart = at::empty({p.batch * hs * kSelectQuerySplit * p.head_dim}, f32);
+  at::Tensor qpart =
+      at::empty({p.batch * hs * kSelectQuerySplit * p.head_dim}, q.options().dtype(at::kDouble));
   at::Tensor counter = at::empty({1}, q.options().dtype(at::kInt));
 
   SelectBlocksParams a{};
@@ -75,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
     a.s_stride_h = sums.stride(2);
   }
   a.scale = static_cast<float>(scale);
-  a.norm = p.mean ? static_cast<float>(scale / static_cast<double>(p.batch * hs * p.sampled))
-                  : static_cast<float>(1.0 / static_cast<double>(p.batch * hs));
-  a.qpart = qpart.data_ptr<float>();
+  a.norm = p.mean ? scale / static_cast<double>(p.batch * hs * p.sampled)
+                  : 1.0 / static_cast<double>(p.batch * hs);
+  a.qpart = qpart.data_ptr<double>();
   a.counter = reinterpret_cast<unsigned int*>(counter.data_ptr<int32_t>());
   a.scores = scores.data_ptr<float>();
   a.indices = indices.data_ptr<int64_t>();

@@ -22,25 +22,27 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
 // grid (B * Hs, kSelectQuerySplit); warp w of split s sums sampled rows r = s*kWarps + w + t *
-// (kSelectQuerySplit*kWarps); the kWarps partials are then added in warp order.
+// (kSelectQuerySplit*kWarps); the kWarps partials are then added in warp order. float64
+// accumulators: the factorised "mean" cancels terms of size |q| |k| down to a small s_m.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_queries_kernel(SelectBlocksParams p) {
-  __shared__ float part[kWarps][kSelectMaxHeadDim];
+  __shared__ double part[kWarps][kSelectMaxHeadDim];
   const int bh = blockIdx.x, split = blockIdx.y;
   const int b = bh / p.num_heads, hi = bh % p.num_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(p.head_dim);
   if (bh == 0 && split == 0 && threadIdx.x == 0) *p.counter = 0u;
   const T* base = static_cast<const T*>(p.q) + b * p.q_stride_b + p.heads[hi] * p.q_stride_h;
-  float acc[kChunks];
+  double acc[kChunks];
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) acc[c] = 0.f;
+  for (int c = 0; c < kChunks; ++c) acc[c] = 0.0;
   const int64_t lanes = static_cast<int64_t>(kSelectQuerySplit) * kWarps;
   for (int64_t r = split * kWarps + warp; r < p.sampled; r += lanes) {
     const T* row = base + r * p.query_stride * p.q_stride_l;
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) reduce_queries_kernel(SelectBlocksPa
   }
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += kThreads) {
-    float s = 0.f;
+    double s = 0.0;
     for (int w = 0; w < kWarps; ++w) s += part[w][d];
     p.qpart[(static_cast<int64_t>(bh) * kSelectQuerySplit + split) * D + d] = s;
   }
@@ -106,34 +108,34 @@ __device__ void topk_tail(const SelectBlocksParams& p) {
 // grid (M); one thread block per mid block.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksParams p) {
-  __shared__ float warp_val[kWarps];
+  __shared__ double warp_val[kWarps];
   __shared__ bool is_last;
   const int m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(p.head_dim);
   const int start = p.ranges[2 * m], end = p.ranges[2 * m + 1];
   const bool use_sums = p.mean && p.key_sums != nullptr;
-  const float inv_s = 1.f / static_cast<float>(p.sampled);
-  float total = 0.f;  // meaningful in thread 0
+  const double inv_s = 1.0 / static_cast<double>(p.sampled);
+  double total = 0.0;  // meaningful in thread 0
   for (int b = 0; b < p.batch; ++b) {
     for (int hi = 0; hi < p.num_heads; ++hi) {
       const int64_t kvh = p.heads[hi] / p.kv_group;
       // This head's query sum (or mean, for "max"), added over the splits in order.
-      float qv[kChunks];
-      const float* qp = p.qpart + static_cast<int64_t>(b * p.num_heads + hi) * kSelectQuerySplit * D;
+      double qv[kChunks];
+      const double* qp = p.qpart + static_cast<int64_t>(b * p.num_heads + hi) * kSelectQuerySplit * D;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int d = lane + 32 * c;
-        float v = 0.f;
+        double v = 0.0;
         if (d < D)
           for (int sp = 0; sp < kSelectQuerySplit; ++sp) v += qp[sp * D + d];
         qv[c] = p.mean ? v : v * inv_s;
       }
       const T* kb = static_cast<const T*>(p.k) + b * p.k_stride_b + kvh * p.k_stride_h;
-      float mine;  // this warp's contribution
+      double mine;  // this warp's contribution
       if (use_sums) {
         const float* ks = p.key_sums + b * p.s_stride_b + m * p.s_stride_m + kvh * p.s_stride_h;
-        float dot = 0.f;
+        double dot = 0.0;
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           const int d = lane + 32 * c;
@@ -141,9 +143,9 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
         }
         mine = warp_sum(dot);
       } else if (p.mean) {
-        float acc[kChunks];
+        double acc[kChunks];
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c) acc[c] = 0.f;
+        for (int c = 0; c < kChunks; ++c) acc[c] = 0.0;
         for (int j = start + warp; j < end; j += kWarps) {
           const T* row = kb + static_cast<int64_t>(j) * p.k_stride_l;
 #pragma unroll
@@ -152,11 +154,15 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
             if (d < D) acc[c] += to_f(row[d]);
           }
         }
-        float dot = 0.f;
+        double dot = 0.0;
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) dot += acc[c] * qv[c];
         mine = warp_sum(dot);
       } else {
+        // One float32 dot product per key, as eager float32 takes it.
+        float qf[kChunks];
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) qf[c] = static_cast<float>(qv[c]);
         float best = -INFINITY;
         for (int j = start + warp; j < end; j += kWarps) {
           const T* row = kb + static_cast<int64_t>(j) * p.k_stride_l;
@@ -164,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             const int d = lane + 32 * c;
-            if (d < D) dot += qv[c] * to_f(row[d]);
+            if (d < D) dot += qf[c] * to_f(row[d]);
           }
           best = fmaxf(best, p.scale * warp_sum(dot));
         }
@@ -173,15 +179,15 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
       if (lane == 0) warp_val[warp] = mine;
       __syncthreads();
       if (threadIdx.x == 0) {
-        float v = warp_val[0];
-        for (int w = 1; w < kWarps; ++w) v = p.mean ? v + warp_val[w] : fmaxf(v, warp_val[w]);
+        double v = warp_val[0];
+        for (int w = 1; w < kWarps; ++w) v = p.mean ? v + warp_val[w] : fmax(v, warp_val[w]);
         total += v;
       }
       __syncthreads();
     }
   }
   if (threadIdx.x == 0) {
-    p.scores[m] = total * p.norm;
+    p.scores[m] = static_cast<float>(total * p.norm);
     __threadfence();
     is_last = atomicAdd(p.counter, 1u) == static_cast<unsigned>(p.num_blocks - 1);
   }

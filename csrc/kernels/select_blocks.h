@@ -30,8 +30,8 @@ struct SelectBlocksParams {
   const float* key_sums;      // optional device [B, M, H_kv, D] float32 ("mean" only)
   int64_t s_stride_b, s_stride_m, s_stride_h;
   float scale;                // applied to each q.k ("max") or folded into norm ("mean")
-  float norm;                 // "mean": scale / (B * Hs * |S|); "max": 1 / (B * Hs)
-  float* qpart;               // workspace [B * Hs, kSelectQuerySplit, D]
+  double norm;                // "mean": scale / (B * Hs * |S|); "max": 1 / (B * Hs)
+  double* qpart;              // workspace [B * Hs, kSelectQuerySplit, D] float64 sums
   unsigned int* counter;      // workspace [1], zeroed by the first kernel
   float* scores;              // out [M]
   int64_t* indices;           // out [min(k, M)], ascending
