@@ -285,3 +285,18 @@ def test_strided_views(backend, device, score):
     _finite_close(scores, oracle, eager, f"{backend} strided {score}")
     idx = run(backend, vidstream.select_blocks, q, kp, r, 2, **kw)
     _check_indices(idx, scores, oracle, 2, f"{backend} strided {score}")
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")]
+                         + backend_device_pairs())
+def test_no_blocks_and_k_zero(backend, device):
+    require(backend, "select_blocks", device, torch.float32)
+    q = torch.randn(1, 9, 2, 8, device=device)
+    kp = torch.randn(1, 12, 1, 8, device=device)
+    none = torch.zeros(0, 2, dtype=torch.int32)
+    got = run(backend, vidstream.select_blocks, q, kp, none, 4)
+    assert got.shape == (0,) and got.dtype == torch.int64
+    r = torch.tensor([[0, 5], [5, 12]], dtype=torch.int32)
+    assert run(backend, vidstream.select_blocks, q, kp, r, 0).shape == (0,)
+    s = run(backend, selection.block_scores, q, kp, none)
+    assert s.shape == (0,)
