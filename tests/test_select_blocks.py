@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from numerics import DTYPES, assert_close_to_oracle, backend_device_pairs, require, run
@@ -300,3 +304,43 @@ def test_no_blocks_and_k_zero(backend, device):
     assert run(backend, vidstream.select_blocks, q, kp, r, 0).shape == (0,)
     s = run(backend, selection.block_scores, q, kp, none)
     assert s.shape == (0,)
+
+
+_AOT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import vidstream.triton_kernels.select_blocks as K
+
+def sig(fn, types, consts):
+    return {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+
+tgt = GPUTarget("cuda", int(sys.argv[1]), 32)
+t1 = dict(q_ptr="*bf16", heads_ptr="*i32", qred_ptr="*fp64", counter_ptr="*i32", inv="fp32")
+c1 = dict(D=128, BLOCK_D=128, BLOCK_S=32)
+triton.compile(ASTSource(K._reduce_queries_kernel, sig(K._reduce_queries_kernel, t1, c1), c1), target=tgt)
+t2 = dict(k_ptr="*bf16", ranges_ptr="*i32", qred_ptr="*fp64", heads_ptr="*i32", sums_ptr="*fp32",
+          scores_ptr="*fp32", idx_ptr="*i64", counter_ptr="*i32", scale="fp32", norm="fp32")
+for mean, sums in ((True, False), (True, True), (False, False)):
+    c2 = dict(D=128, BLOCK_D=128, BLOCK_J=32, MEAN=mean, HAS_SUMS=sums, TILE=64)
+    out = triton.compile(ASTSource(K._block_scores_kernel, sig(K._block_scores_kernel, t2, c2), c2),
+                         target=tgt)
+    assert "cubin" in out.asm
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpu(arch, tmp_path):
+    """No GPU here: compile the Triton kernels ahead of time for sm_80 / sm_90 (bfloat16, every
+    score variant) so GPU-only lowering errors show up on a CPU machine."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _AOT, str(arch)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
