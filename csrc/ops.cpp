@@ -19,7 +19,12 @@ TORCH_LIBRARY(vidstream, m) {
 
   // SPEC §4: low-rank latent KV (schemas added by the low-rank work).
 
-  // SPEC §5: top-k mid-block selection (schemas added by the selection work).
+  // SPEC §5: top-k mid-block selection. Returns (scores float32 [M], indices int64
+  // [min(k, M)] ascending); heads are query heads, block_key_sums [B, M, H_kv, D] replaces
+  // the keys' block sums under score "mean".
+  m.def(
+      "select_blocks(Tensor q, Tensor k_pool, Tensor block_ranges, int k, int query_stride, "
+      "int[] heads, str score, float scale, Tensor? block_key_sums=None) -> (Tensor, Tensor)");
 
   // SPEC §6: streaming cache helpers (schemas added by the streaming work).
   // Rotates k [B, L, H_kv, D] (grid F x height x width, frame f at temporal position

@@ -4,7 +4,7 @@ The ops follow the contract in SPEC.md. Each has a ``reference`` (eager PyTorch)
 where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()`` and
 ``vidstream.use_backend``."""
 
-from . import _extension, reference
+from . import _extension, compress, reference, selection
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
 from .cache import AvgPoolCompressor, CacheConfig, NaiveKVCache, StreamingKVCache
@@ -32,6 +32,7 @@ __all__ = [
     "backends",
     "cached_attention",
     "chunk_attention",
+    "compress",
     "lowrank_cached_attention",
     "lowrank_decompress",
     "reference",
@@ -39,5 +40,6 @@ __all__ = [
     "rope3d_shift_",
     "rope3d_store_",
     "select_blocks",
+    "selection",
     "use_backend",
 ]

@@ -204,8 +204,10 @@ def lowrank_query(q, c_pool, w_uk, w_uv, k_r_pool):
               f"got {tuple(q.shape)}")
 
 
-def select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score) -> tuple:
-    """Returns (block ranges int32 [M, 2] on the CPU, the list of query heads)."""
+def select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
+                  block_key_sums=None) -> tuple:
+    """Returns (block ranges int32 [M, 2] on the CPU, the list of query heads, the key sums as
+    [B, M, H_kv, D] or None)."""
     tensor(q, "q", 4, "[B, Lq, H, D]")
     tensor(k_pool, "k_pool", 4, "[B, P, H_kv, D]")
     floating(q, "q")
@@ -228,7 +230,27 @@ def select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score) -> tup
             _fail(f"heads must be distinct query head indices in [0, {H}), got {heads}")
     if q.shape[1] == 0:
         _fail("q must have at least one query token (Lq >= 1)")
-    return blocks, heads
+    sums = None
+    if block_key_sums is not None:
+        sums = key_sums(block_key_sums, q.shape[0], blocks.shape[0], k_pool.shape[2], q.shape[3],
+                        q.device)
+    return blocks, heads, sums
+
+
+def key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
+    """Per-block key sums [M, H_kv, D] (batch 1) or [B, M, H_kv, D]; returned as 4-D."""
+    want = f"[M, H_kv, D] = [{blocks}, {kv_heads}, {head_dim}] (batch 1) or [B, M, H_kv, D] = " \
+           f"[{batch}, {blocks}, {kv_heads}, {head_dim}]"
+    if not isinstance(s, torch.Tensor):
+        _fail(f"block_key_sums must be a tensor {want}, got {type(s).__name__}")
+    if s.dim() == 3 and batch == 1:
+        s = s.unsqueeze(0)
+    if tuple(s.shape) != (batch, blocks, kv_heads, head_dim):
+        _fail(f"block_key_sums must have shape {want}, got {tuple(s.shape)}")
+    floating(s, "block_key_sums")
+    if s.device != device:
+        _fail(f"block_key_sums must be on the device of q ({device}), got {s.device}")
+    return s
 
 
 def rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt):

@@ -199,15 +199,21 @@ def lowrank_cached_attention(q, c_pool, w_uk, w_uv, kv_ranges, *, k_r_pool=None,
 # ----------------------------------------------------------------------------- top-k selection
 
 
-def _block_scores(q, k_pool, blocks, query_stride, heads, score, scale):
+def _block_scores(q, k_pool, blocks, query_stride, heads, score, scale, key_sums=None):
+    """Scores s_m [M] in q's dtype. ``key_sums`` [B, M, H_kv, D] stands in for the keys of each
+    block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it."""
     H, H_kv = q.shape[2], k_pool.shape[2]
     heads_t = torch.tensor(heads, device=q.device)
+    kv_t = heads_t // (H // H_kv)
     qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D]
-    ks = k_pool[:, :, heads_t // (H // H_kv)]  # [B, P, Hs, D]
+    ks = k_pool[:, :, kv_t]  # [B, P, Hs, D]
     scores = []
-    for s, e in blocks.tolist():
+    for m, (s, e) in enumerate(blocks.tolist()):
         kb = ks[:, s:e]
-        if score == "mean":
+        if score == "mean" and key_sums is not None:
+            ksum = key_sums[:, m][:, kv_t].to(q.dtype)  # [B, Hs, D]
+            scores.append((torch.einsum("bihd,bhd->bhi", qs, ksum) * scale).mean())
+        elif score == "mean":
             dots = torch.einsum("bihd,bjhd->bhij", qs, kb) * scale
             scores.append(dots.sum(-1).mean())
         elif e == s:
@@ -219,19 +225,28 @@ def _block_scores(q, k_pool, blocks, query_stride, heads, score, scale):
     return torch.stack(scores) if scores else q.new_zeros(0)
 
 
-def _select_blocks(q, k_pool, blocks, k, query_stride, heads, score, scale):
-    s = _block_scores(q, k_pool, blocks, query_stride, heads, score, scale)
+def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ascending, on the CPU) of the ``k`` largest ``scores``; equal scores go to
+    the smaller index."""
     # A stable descending sort puts the smaller index first among equal scores.
-    order = torch.sort(s.cpu(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values.to(q.device)
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def _select_blocks(q, k_pool, blocks, k, query_stride, heads, score, scale, key_sums=None):
+    s = _block_scores(q, k_pool, blocks, query_stride, heads, score, scale, key_sums)
+    return topk_ascending(s, k).to(q.device)
 
 
 def select_blocks(q, k_pool, block_ranges, k, *, query_stride=8, heads=None, score="mean",
-                  scale=None):
-    """SPEC §5: indices (ascending, int64) of the ``k`` mid blocks with the highest affinity."""
-    blocks, heads = _validate.select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score)
+                  scale=None, block_key_sums=None):
+    """SPEC §5: indices (ascending, int64) of the ``k`` mid blocks with the highest affinity.
+    ``block_key_sums`` [M, H_kv, D] (batch 1) or [B, M, H_kv, D]: the sum of each block's keys,
+    used instead of the keys by ``score="mean"``."""
+    blocks, heads, sums = _validate.select_blocks(q, k_pool, block_ranges, k, query_stride, heads,
+                                                  score, block_key_sums)
     scale = _validate.scale_value(scale, q.shape[3])
-    return _select_blocks(q, k_pool, blocks, k, query_stride, heads, score, scale)
+    return _select_blocks(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)
 
 
 # ----------------------------------------------------------------------------- streaming cache

@@ -1,0 +1,45 @@
+// Torch-free interface of the select_blocks CUDA kernels (SPEC §5): a params struct and a
+// launcher. Included by the torch binding (host compiler) and by select_blocks.cu (nvcc).
+#pragma once
+
+#include <cstdint>
+
+#include "rope3d.h"  // ElemType
+
+namespace vidstream {
+
+// Maximum head dim: each lane of a warp keeps D / 32 running sums in registers.
+constexpr int kSelectMaxHeadDim = 256;
+// Sampled queries are split over this many thread blocks per (batch, head); the partial sums
+// are added in a fixed order by the scoring kernel, so results do not depend on scheduling.
+constexpr int kSelectQuerySplit = 8;
+
+struct SelectBlocksParams {
+  const void* q;  // [B, Lq, H, D], head dim contiguous
+  const void* k;  // [B, P, H_kv, D], head dim contiguous
+  ElemType dtype;
+  int64_t batch, q_len, head_dim, kv_group;  // kv_group = H / H_kv
+  int64_t q_stride_b, q_stride_l, q_stride_h;  // in elements
+  int64_t k_stride_b, k_stride_l, k_stride_h;
+  const int32_t* heads;   // device [Hs] query heads
+  int num_heads;          // Hs
+  const int32_t* ranges;  // device [M, 2], validated by the caller
+  int num_blocks;         // M >= 1
+  int64_t query_stride, sampled;
+  bool mean;                  // score "mean" (else "max")
+  const float* key_sums;      // optional device [B, M, H_kv, D] float32 ("mean" only)
+  int64_t s_stride_b, s_stride_m, s_stride_h;
+  float scale;                // applied to each q.k ("max") or folded into norm ("mean")
+  double norm;                // "mean": scale / (B * Hs * |S|); "max": 1 / (B * Hs)
+  double* qpart;              // workspace [B * Hs, kSelectQuerySplit, D] float64 sums
+  unsigned int* counter;      // workspace [1], zeroed by the first kernel
+  float* scores;              // out [M]
+  int64_t* indices;           // out [min(k, M)], ascending
+  int top_k;               // min(k, M)
+};
+
+// Two launches: sampled-query partial sums, then one block per mid block that scores it; the
+// last block to finish ranks all scores. Returns 0 or a cudaError_t value.
+int launch_select_blocks(const SelectBlocksParams& p, void* stream);
+
+}  // namespace vidstream
