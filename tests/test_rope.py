@@ -193,3 +193,19 @@ def test_cpp_op_checks_its_own_inputs():
                                           torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="F\\*h\\*w == L"):
         torch.ops.vidstream.rope3d(torch.randn(1, 6, 2, 64), 1, 2, 2)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpu(arch, tmp_path):
+    """bfloat16 and per-head theta, which the interpreter cannot run, compiled for sm_80/sm_90."""
+    from triton_aot import assert_compiles
+
+    ptrs = {n: "*bf16" for n in ("x_ptr", "o_ptr", "pool_ptr")}
+    tables = {n: "*fp32" for n in ("tab_t", "tab_h", "tab_w", "tab_ptr")}
+    specs = []
+    for t_heads in (1, 12):
+        specs.append(("_rope3d_kernel", {**ptrs, **tables},
+                      dict(C_T=22, C_H=21, C_W=21, T_HEADS=t_heads, BLOCK_T=16, BLOCK_C=64)))
+        specs.append(("_rope3d_shift_kernel", {**ptrs, **tables, "ranges_ptr": "*i32"},
+                      dict(C_T=22, T_HEADS=t_heads, BLOCK_T=16, BLOCK_C=32)))
+    assert_compiles("vidstream.triton_kernels.rope3d", arch, specs, tmp_path)
