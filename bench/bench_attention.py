@@ -10,7 +10,7 @@ window. CPU: a small Wan-like shape (64 tokens per frame, 12 frames, 4 heads, he
 
 Useful TFLOP/s count only the (query, key) pairs the mask allows: 4 * D * pairs per head.
 
-    python bench/bench_attention.py --device cpu [--quick] [--json bench/results/]
+    python bench/bench_attention.py --device cpu [--threads 1] [--quick] [--json bench/results/]
     python bench/bench_attention.py --device cuda --json bench/results/
 """
 
@@ -182,9 +182,14 @@ def main():
     ap.add_argument("--backend", default=None, help="vidstream backend (default: the device's default)")
     ap.add_argument("--peers", default="eager,sdpa,flex", help="comma list among eager, sdpa, flex")
     ap.add_argument("--quick", action="store_true", help="one cached context, fewer repetitions")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for every implementation (default: torch's); 1 gives stable "
+                         "numbers on a shared machine")
     ap.add_argument("--json", default=None, help="file or folder for the JSON record")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = _wan_cases(args.quick) if device.type == "cuda" else _cpu_cases(args.quick)
     backend = args.backend or ("cpu" if device.type == "cpu" else "cuda")

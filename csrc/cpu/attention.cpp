@@ -17,7 +17,7 @@
 namespace vidstream {
 namespace cpu_attention {
 
-constexpr int64_t kBlockQ = 64;  // query rows per tile
+constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 64;  // keys per block
 
 struct AttnProblem {
