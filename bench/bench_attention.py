@@ -106,39 +106,46 @@ def _rows(form, shape, pairs, D, H, B, timings, ours="vidstream"):
 
 def bench_cached(cfg, device, dtype, reps, backend, peers):
     rows = []
+    for ctx, label in cfg["cached"]:
+        rows += _bench_cached_context(cfg, ctx, label, device, dtype, reps, backend, peers)
+    return rows
+
+
+def _bench_cached_context(cfg, ctx, label, device, dtype, reps, backend, peers):
     B, H, D, ft, cf = 1, cfg["H"], cfg["D"], cfg["ft"], cfg["cf"]
     lq = cf * ft
-    for ctx, label in cfg["cached"]:
-        pool, ranges = _cached_layout(ctx, lq, ft, cfg["sink"])
-        q = torch.randn(B, lq, H, D, device=device, dtype=dtype)
-        k = torch.randn(B, pool, H, D, device=device, dtype=dtype)
-        v = torch.randn(B, pool, H, D, device=device, dtype=dtype)
-        kr = torch.tensor(ranges, dtype=torch.int32)
-        keep = _range_mask(pool, ranges, device)
-        t = {}
-        with vidstream.use_backend(backend):
-            t["vidstream"] = _measure("vidstream", lambda: vidstream.cached_attention(q, k, v, kr),
-                                      device, reps)
-        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's own layout
-        mask = keep[None, :].expand(lq, pool)
-        if "eager" in peers:
-            t["eager"] = _measure("eager", lambda: reference._cached_attention(
-                q, k, v, kr, D**-0.5, False), device, reps)
+    pool, ranges = _cached_layout(ctx, lq, ft, cfg["sink"])
+    q = torch.randn(B, lq, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, pool, H, D, device=device, dtype=dtype)
+    v = torch.randn(B, pool, H, D, device=device, dtype=dtype)
+    kr = torch.tensor(ranges, dtype=torch.int32)
+    keep = _range_mask(pool, ranges, device)
+    t = {}
+    with vidstream.use_backend(backend):
+        t["vidstream"] = _measure("vidstream", lambda: vidstream.cached_attention(q, k, v, kr),
+                                  device, reps)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's own layout
+    mask = keep[None, :].expand(lq, pool)
+    if "eager" in peers:
+        t["eager"] = _measure("eager", lambda: reference._cached_attention(
+            q, k, v, kr, D**-0.5, False), device, reps)
+    if "sdpa" in peers:
         t["sdpa_mask"] = _measure("sdpa", lambda: F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=mask), device, reps)
-        flex = _flex(device) if "flex" in peers else None
-        if flex is not None:
-            flex_fn, cbm = flex
-            bm = cbm(lambda b, h, qi, kj: keep[kj], None, None, lq, pool, device=device)
-            t["flex"] = _measure("flex", lambda: flex_fn(qt, kt, vt, block_mask=bm), device, reps)
-        fa = _flash_attn() if device.type == "cuda" else None
-        if fa is not None:
-            def gathered():  # what generators do today: copy the ranges into one K/V, then attend
-                idx = [slice(s, e) for s, e in ranges]
-                return fa(q, torch.cat([k[:, i] for i in idx], 1), torch.cat([v[:, i] for i in idx], 1))
-            t["flash_attn+gather"] = _measure("flash_attn", gathered, device, reps)
-        rows += _rows("cached", f"Lq={lq} ctx={ctx} ({label})", lq * ctx, D, H, B, t)
-    return rows
+    flex = _flex(device) if "flex" in peers else None
+    if flex is not None:
+        flex_fn, cbm = flex
+        bm = cbm(lambda b, h, qi, kj: keep[kj], None, None, lq, pool, device=device)
+        t["flex"] = _measure("flex", lambda: flex_fn(qt, kt, vt, block_mask=bm), device, reps)
+    fa = _flash_attn() if device.type == "cuda" else None
+    if fa is not None:
+        idx = [slice(s, e) for s, e in ranges]
+
+        def gathered():  # what generators do today: copy the ranges into one K/V, then attend
+            return fa(q, torch.cat([k[:, i] for i in idx], 1), torch.cat([v[:, i] for i in idx], 1))
+
+        t["flash_attn+gather"] = _measure("flash_attn", gathered, device, reps)
+    return _rows("cached", f"Lq={lq} ctx={ctx} ({label})", lq * ctx, D, H, B, t)
 
 
 def bench_full(cfg, device, dtype, reps, backend, peers):
@@ -157,8 +164,9 @@ def bench_full(cfg, device, dtype, reps, backend, peers):
     if "eager" in peers:
         t["eager"] = _measure("eager", lambda: reference._chunk_attention(
             q, k, v, ft, cf, sink, window, D**-0.5, False), device, reps)
-    t["sdpa_mask"] = _measure("sdpa", lambda: F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask), device, reps)
+    if "sdpa" in peers:
+        t["sdpa_mask"] = _measure("sdpa", lambda: F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=mask), device, reps)
     flex = _flex(device) if "flex" in peers else None
     if flex is not None:
         flex_fn, cbm = flex
