@@ -304,3 +304,29 @@ def test_grid_is_covered():
     seen = {(p.values[0], p.values[1], p.values[2] is None, p.values[3]) for p in _GRID}
     assert {ft for *_, ft in seen} == set(_FRAME_TOKENS)
     assert {(cf, sink) for cf, sink, _, _ in seen} == set(itertools.product((1, 3), (0, 1, 3)))
+
+
+def _triton_interpreted():
+    from vidstream import triton_kernels
+
+    if triton_kernels.mode() != "interpret":
+        pytest.skip("Triton opcheck here runs under the interpreter only (TRITON_INTERPRET=1)")
+    from vidstream.triton_kernels import attention
+
+    return attention
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_opcheck_triton_chunk_attention(window):
+    kernels = _triton_interpreted()
+    q, k, v = _qkv(1, 3 * 10, 3 * 10, 4, 2, 32, 32, torch.float32, "cpu")
+    torch.library.opcheck(kernels.chunk_attention_triton, (q, k, v, 3, 2, 1, window, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_triton_cached_attention():
+    kernels = _triton_interpreted()
+    q, k, v = _qkv(2, 11, 40, 4, 1, 32, 16, torch.float32, "cpu")
+    kr = torch.tensor([[30, 40], [0, 7], [12, 12]], dtype=torch.int32)
+    torch.library.opcheck(kernels.cached_attention_triton, (q, k, v, kr, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))

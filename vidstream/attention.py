@@ -47,6 +47,23 @@ def _cached_attention_native(q, k_pool, v_pool, ranges, scale, return_lse):
     return _pick(out, lse, return_lse)
 
 
+def _chunk_attention_triton(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale,
+                            return_lse):
+    from .triton_kernels import attention as kernels
+
+    out, lse = kernels.chunk_attention_triton(q, k, v, frame_tokens, chunk_frames, sink_frames,
+                                              window_frames, float(scale))
+    return _pick(out, lse, return_lse)
+
+
+def _cached_attention_triton(q, k_pool, v_pool, ranges, scale, return_lse):
+    from .triton_kernels import attention as kernels
+
+    out, lse = kernels.cached_attention_triton(q, k_pool, v_pool, ranges.to(q.device, torch.int32),
+                                               float(scale))
+    return _pick(out, lse, return_lse)
+
+
 def _attention_outputs(q, v):
     B, L, H, _ = q.shape
     return q.new_empty(B, L, H, v.shape[3]), q.new_empty(B, H, L, dtype=torch.float32)
@@ -66,3 +83,6 @@ backend.register("chunk_attention", "reference", reference._chunk_attention)
 backend.register("cached_attention", "reference", reference._cached_attention)
 backend.register("chunk_attention", "cpu", _chunk_attention_native)
 backend.register("cached_attention", "cpu", _cached_attention_native)
+# Not yet run on a GPU: opt-in on CUDA tensors (vidstream.use_backend) until bench/gpu_check.sh passes.
+backend.register("chunk_attention", "triton", _chunk_attention_triton, gpu_validated=False)
+backend.register("cached_attention", "triton", _cached_attention_triton, gpu_validated=False)
