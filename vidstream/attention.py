@@ -86,3 +86,6 @@ backend.register("cached_attention", "cpu", _cached_attention_native)
 # Not yet run on a GPU: opt-in on CUDA tensors (vidstream.use_backend) until bench/gpu_check.sh passes.
 backend.register("chunk_attention", "triton", _chunk_attention_triton, gpu_validated=False)
 backend.register("cached_attention", "triton", _cached_attention_triton, gpu_validated=False)
+# Hand-written mma.sync kernels (csrc/kernels/attention.cu): float16/bfloat16, head dims 64/128.
+backend.register("chunk_attention", "cuda", _chunk_attention_native, gpu_validated=False)
+backend.register("cached_attention", "cuda", _cached_attention_native, gpu_validated=False)
