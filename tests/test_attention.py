@@ -16,6 +16,17 @@ from vidstream import reference
 PAIRS = backend_device_pairs()
 
 
+def _dt(backend):
+    """The dtype a grid test runs in: float32, except on the cuda backend (tensor cores: the
+    float16/bfloat16 kernels serve it; float32 is refused there)."""
+    return torch.bfloat16 if backend == "cuda" else torch.float32
+
+
+def _serves(backend, D, Dv, dtype):
+    if backend == "cuda" and (D not in (64, 128) or Dv != D or dtype == torch.float32):
+        pytest.skip("the cuda kernel serves float16/bfloat16 with D == Dv in (64, 128)")
+
+
 def _qkv(B, Lq, Lk, H, H_kv, D, Dv, dtype, device):
     q = torch.randn(B, Lq, H, D, device=device).to(dtype)
     k = torch.randn(B, Lk, H_kv, D, device=device).to(dtype)
@@ -61,10 +72,10 @@ def _frames_for(ft, cf, light):
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("cf,sink,window,ft", _GRID)
 def test_chunk_attention_masks(backend, device, cf, sink, window, ft):
-    require(backend, "chunk_attention", device, torch.float32)
+    require(backend, "chunk_attention", device, _dt(backend))
     light = backend != "cpu"  # the Triton interpreter is slow: fewer frames
     F = _frames_for(ft, cf, light)
-    q, k, v = _qkv(1, F * ft, F * ft, 2, 1, 64, 64, torch.float32, device)
+    q, k, v = _qkv(1, F * ft, F * ft, 2, 1, 64, 64, _dt(backend), device)
     kw = dict(frame_tokens=ft, chunk_frames=cf, sink_frames=sink, window_frames=window)
     _check(backend, vidstream.chunk_attention, reference.chunk_attention, (q, k, v), kw,
            f"{backend} F={F} ft={ft} cf={cf} sink={sink} win={window}")
@@ -83,6 +94,7 @@ _SHAPES = [  # (B, H, H_kv, D, Dv): GQA, MQA, MHA; head dims 64 and 128
 def test_chunk_attention_dtypes_heads(backend, device, dtype, shape):
     require(backend, "chunk_attention", device, dtype)
     B, H, H_kv, D, Dv = shape
+    _serves(backend, D, Dv, dtype)
     ft, cf = 7, 3
     F = 8
     q, k, v = _qkv(B, F * ft, F * ft, H, H_kv, D, Dv, dtype, device)
@@ -93,9 +105,9 @@ def test_chunk_attention_dtypes_heads(backend, device, dtype, shape):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_chunk_attention_scale_and_strides(backend, device):
-    require(backend, "chunk_attention", device, torch.float32)
+    require(backend, "chunk_attention", device, _dt(backend))
     ft, F = 5, 7
-    qkv = torch.randn(2, F * ft, 3, 4, 64, device=device)  # a fused projection, sliced
+    qkv = torch.randn(2, F * ft, 3, 4, 64, device=device).to(_dt(backend))  # fused projection, sliced
     q, k, v = qkv[:, :, 0], qkv[:, :, 1, :2], qkv[:, :, 2, :2]
     kw = dict(frame_tokens=ft, chunk_frames=2, sink_frames=1, window_frames=4, scale=0.3)
     _check(backend, vidstream.chunk_attention, reference.chunk_attention, (q, k, v), kw,
@@ -104,8 +116,8 @@ def test_chunk_attention_scale_and_strides(backend, device):
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_chunk_attention_one_token(backend, device):
-    require(backend, "chunk_attention", device, torch.float32)
-    q, k, v = _qkv(1, 1, 1, 2, 2, 64, 64, torch.float32, device)
+    require(backend, "chunk_attention", device, _dt(backend))
+    q, k, v = _qkv(1, 1, 1, 2, 2, 64, 64, _dt(backend), device)
     out = run(backend, vidstream.chunk_attention, q, k, v, frame_tokens=1, chunk_frames=1)
     torch.testing.assert_close(out, v, rtol=1e-6, atol=1e-6)  # one key: its value, exactly
 
@@ -157,9 +169,9 @@ _RANGE_CASES = {
 @pytest.mark.parametrize("case", list(_RANGE_CASES))
 @pytest.mark.parametrize("Lq", [1, 21, 70])
 def test_cached_attention_ranges(backend, device, case, Lq):
-    require(backend, "cached_attention", device, torch.float32)
+    require(backend, "cached_attention", device, _dt(backend))
     P, ranges = _RANGE_CASES[case]
-    q, k, v = _qkv(2, Lq, P, 4, 2, 64, 64, torch.float32, device)
+    q, k, v = _qkv(2, Lq, P, 4, 2, 64, 64, _dt(backend), device)
     kr = torch.tensor(ranges, dtype=torch.int32)
     _check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr), {},
            f"{backend} {case} Lq={Lq}")
@@ -171,6 +183,7 @@ def test_cached_attention_ranges(backend, device, case, Lq):
 def test_cached_attention_dtypes_heads(backend, device, dtype, shape):
     require(backend, "cached_attention", device, dtype)
     B, H, H_kv, D, Dv = shape
+    _serves(backend, D, Dv, dtype)
     q, k, v = _qkv(B, 37, 150, H, H_kv, D, Dv, dtype, device)
     kr = torch.tensor([[120, 150], [0, 9], [30, 101]], dtype=torch.int32)
     _check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr),
@@ -180,8 +193,8 @@ def test_cached_attention_dtypes_heads(backend, device, dtype, shape):
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("ranges", [[], [[5, 5]], [[0, 0], [9, 9]]], ids=["none", "empty", "two-empty"])
 def test_cached_attention_empty_union(backend, device, ranges):
-    require(backend, "cached_attention", device, torch.float32)
-    q, k, v = _qkv(1, 9, 20, 2, 1, 64, 64, torch.float32, device)
+    require(backend, "cached_attention", device, _dt(backend))
+    q, k, v = _qkv(1, 9, 20, 2, 1, 64, 64, _dt(backend), device)
     kr = torch.tensor(ranges, dtype=torch.int32).reshape(-1, 2)
     out, lse = run(backend, vidstream.cached_attention, q, k, v, kr, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out))
@@ -228,9 +241,9 @@ def _ring_layout(sink, window, ft, cf, F):
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("cf,sink,window,ft", [(3, 1, 6, 7), (1, 2, 3, 5), (2, 0, 4, 9), (3, 3, 9, 4)])
 def test_streaming_equals_full_sequence(backend, device, cf, sink, window, ft):
-    require(backend, "cached_attention", device, torch.float32)
+    require(backend, "cached_attention", device, _dt(backend))
     F = 4 * cf + 1
-    q, k, v = _qkv(1, F * ft, F * ft, 4, 2, 64, 64, torch.float32, device)
+    q, k, v = _qkv(1, F * ft, F * ft, 4, 2, 64, 64, _dt(backend), device)
     kw = dict(frame_tokens=ft, chunk_frames=cf, sink_frames=sink, window_frames=window)
     full = run(backend, vidstream.chunk_attention, q, k, v, **kw)
     oracle = reference.chunk_attention(q.double(), k.double(), v.double(), **kw)
@@ -238,7 +251,7 @@ def test_streaming_equals_full_sequence(backend, device, cf, sink, window, ft):
     slot, plans, pool_frames = _ring_layout(sink, window, ft, cf, F)
     # The window is `window` consecutive frames, so they sit in distinct ring slots; a slot is
     # overwritten only once its frame has left every later window. NaN marks unwritten slots.
-    k_pool = torch.full((1, pool_frames * ft, 2, 64), float("nan"), device=device)
+    k_pool = torch.full((1, pool_frames * ft, 2, 64), float("nan"), device=device, dtype=q.dtype)
     v_pool = torch.full_like(k_pool, float("nan"))
     streamed = torch.full_like(full, float("nan"))
     for f0, f1, ranges in plans:
