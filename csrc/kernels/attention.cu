@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   t.m[0] = t.m[1] = ninf;
   t.l[0] = t.l[1] = 0.f;
 
-  if (CHUNK) {
+  if constexpr (CHUNK) {
     const int64_t L = p.q_len, ft = p.frame_tokens, cf = p.chunk_frames;
     const int64_t last = min(m0 + kBlockM, L) - 1;
     const int64_t end_lo = (m0 / ft / cf + 1) * cf, end_hi = (last / ft / cf + 1) * cf;
