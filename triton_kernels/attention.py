@@ -3,11 +3,13 @@ FlashAttention-2-style forward, registered with ``torch.library.triton_op`` as
 ``vidstream::chunk_attention_triton`` and ``vidstream::cached_attention_triton``.
 
 One program owns BLOCK_M queries of one (batch, head) and walks key ranges block by block with
-an online softmax in float32 (exp2, scores pre-scaled by log2 e). The chunk-causal mask is
-arithmetic on frame and chunk indices: for a query block spanning chunks c_lo..c_hi the keys are
-at most two ranges (sink, window), blocks outside them are never visited, blocks every row may
-see take the unmasked path, and only the boundary blocks evaluate the mask. The cached form walks
-the given ranges; only each range's tail block is masked.
+an online softmax in float32 (exp2; 16-bit inputs fold log2 e into the score scale, float32
+inputs keep scores in natural units and scale only the differences from the running max, so a
+power-of-two softmax scale rounds nothing and float32 error stays that of eager PyTorch).
+The chunk-causal mask is arithmetic on frame and chunk indices: for a query block spanning
+chunks c_lo..c_hi the keys are at most two ranges (sink, window), blocks outside them are never
+visited, blocks every row may see take the unmasked path, and only the boundary blocks evaluate
+the mask. The cached form walks the given ranges; only each range's tail block is masked.
 """
 
 from __future__ import annotations
@@ -77,8 +79,12 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+    if IEEE:
+        p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)
+        alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -125,14 +131,17 @@ def _load_q(q_ptr, offs_m, sq_l, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr)
 
 @triton.jit
 def _store(o_ptr, lse_ptr, acc, m_i, l_i, offs_m, so_l, n_rows, DV: tl.constexpr,
-           BLOCK_DV: tl.constexpr):
+           BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_DV)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     tl.store(o_ptr + offs_m[:, None] * so_l + offs_e[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m < n_rows)[:, None] & (offs_e < DV)[None, :])
-    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    if IEEE:  # m_i in natural units
+        lse = m_i + tl.log(tl.where(has, l_i, 1.0))
+    else:
+        lse = (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453
+    lse = tl.where(has, lse, float("-inf"))
     tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_rows)
 
 
@@ -185,7 +194,7 @@ def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                                       offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV, BLOCK_D,
                                       BLOCK_DV, True, False, IEEE)
     _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * L, acc, m_i, l_i, offs_m, so_l, L, DV,
-           BLOCK_DV)
+           BLOCK_DV, IEEE)
 
 
 @triton.autotune(configs=_configs(), key=["D", "DV", "IEEE"])
@@ -216,7 +225,7 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, nu
                                       qk_scale, 1, 1, 0, 0, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, False,
                                       IEEE)
     _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, offs_m, so_l, Lq, DV,
-           BLOCK_DV)
+           BLOCK_DV, IEEE)
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:
@@ -233,6 +242,10 @@ def _outputs(q, v):
 def _common_args(q, k, v, out):
     return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+
+
+def _score_scale(q, scale):
+    return scale if q.dtype == torch.float32 else scale * _LOG2E
 
 
 def _dims(q, v):
@@ -252,7 +265,7 @@ def chunk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
         return out, lse
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     wrap_triton(_chunk_attention_kernel)[grid](
-        q, k, v, out, lse, L, H, H // k.shape[2], scale * _LOG2E, frame_tokens, chunk_frames,
+        q, k, v, out, lse, L, H, H // k.shape[2], _score_scale(q, scale), frame_tokens, chunk_frames,
         sink_frames, 0 if window_frames is None else window_frames, *_common_args(q, k, v, out),
         HAS_WINDOW=window_frames is not None, **_dims(q, v))
     return out, lse
@@ -274,7 +287,7 @@ def cached_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         return out, lse
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     wrap_triton(_cached_attention_kernel)[grid](
-        q, k, v, out, lse, kv_ranges, kv_ranges.shape[0], Lq, H, H // k.shape[2], scale * _LOG2E,
+        q, k, v, out, lse, kv_ranges, kv_ranges.shape[0], Lq, H, H // k.shape[2], _score_scale(q, scale),
         *_common_args(q, k, v, out), **_dims(q, v))
     return out, lse
 

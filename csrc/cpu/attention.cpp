@@ -4,7 +4,7 @@
 // no L x L score matrix is ever formed. Query tiles never straddle a chunk, so each tile has
 // one list of key ranges (attention_common.h) and the blocks the mask excludes are never
 // visited; the only masking left is the tail of a range that does not fill a key block.
-// Work is split over batch x heads x query tiles. The tile kernel (attention_body.inc) is
+// Work is split over batch x heads x query tiles. The tile kernel (attention_cpu_tile.h) is
 // compiled for AVX-512, AVX2 and the baseline, and picked at run time.
 #include <ATen/Parallel.h>
 
@@ -54,7 +54,7 @@ namespace avx512 {
 #define VS 16
 #define MR 4
 #define NC 4
-#include "attention_body.inc"
+#include "attention_cpu_tile.h"
 #undef VS
 #undef MR
 #undef NC
@@ -71,7 +71,7 @@ namespace avx2 {
 #define VS 8
 #define MR 6
 #define NC 2
-#include "attention_body.inc"
+#include "attention_cpu_tile.h"
 #undef VS
 #undef MR
 #undef NC
@@ -87,7 +87,7 @@ namespace baseline {
 #define VS 4
 #define MR 4
 #define NC 2
-#include "attention_body.inc"
+#include "attention_cpu_tile.h"
 #undef VS
 #undef MR
 #undef NC
@@ -121,6 +121,17 @@ void run(const AttnProblem& p, const std::vector<WorkItem>& items,
       kernel.tile(p, items[n], set.data(), static_cast<int64_t>(set.size()), w.data());
     }
   });
+}
+
+// Splits query rows [lo, hi) into tiles of at most kBlockQ rows and nearly equal size, so a
+// chunk of 192 rows gives two tiles of 96 rather than 128 + 64 (balanced threads).
+template <typename F>
+void for_each_tile(int64_t lo, int64_t hi, F&& f) {
+  const int64_t n = hi - lo;
+  if (n <= 0) return;
+  const int64_t tiles = (n + kBlockQ - 1) / kBlockQ;
+  const int64_t size = (n + tiles - 1) / tiles;
+  for (int64_t q0 = lo; q0 < hi; q0 += size) f(q0, std::min(size, hi - q0));
 }
 
 AttnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -179,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(const at::Tensor& q_in,
     const int64_t lo = c * chunk_tok, hi = std::min(L, lo + chunk_tok);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
-        for (int64_t q0 = lo; q0 < hi; q0 += kBlockQ)
-          items.push_back({b, h, q0, std::min(kBlockQ, hi - q0), c});
+        for_each_tile(lo, hi, [&](int64_t q0, int64_t nq) { items.push_back({b, h, q0, nq, c}); });
   }
   if (!items.empty()) run(make_problem(q, k, v, out, lse, scale), items, sets);
   return {out, lse};
@@ -200,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> cached_attention_cpu(const at::Tensor& q_in,
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t q0 = 0; q0 < L; q0 += kBlockQ) items.push_back({b, h, q0, std::min(kBlockQ, L - q0), 0});
+      for_each_tile(0, L, [&](int64_t q0, int64_t nq) { items.push_back({b, h, q0, nq, 0}); });
   if (!items.empty()) run(make_problem(q, k, v, out, lse, scale), items, sets);
   return {out, lse};
 }

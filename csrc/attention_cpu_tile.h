@@ -1,8 +1,9 @@
 // The tiled online-softmax attention kernel of csrc/cpu/attention.cpp, written once with GCC
 // vector extensions and compiled once per instruction set: attention.cpp includes this file
 // inside a namespace under a target pragma with VS (floats per vector), MR (rows of the register
-// tile) and NC (vectors across the register tile) defined. No includes here: headers must be
-// compiled for the baseline target.
+// tile) and NC (vectors across the register tile) defined. Deliberately no include guard (it is
+// included once per instruction set) and no includes (headers must be compiled for the baseline
+// target). It sits in csrc/ so the Makefile's header list rebuilds the extension when it changes.
 
 typedef float vf __attribute__((vector_size(VS * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VS * 4), aligned(4)));
@@ -75,7 +76,8 @@ static inline float fmax1(float a, float b) { return a > b ? a : b; }
 // Floats of per-thread scratch attend_tile needs: Q, K^T, V, S, O tiles and two row vectors.
 static int64_t scratch_floats(const AttnProblem& p) {
   const int64_t bq = round_up(kBlockQ, MR), dvp = round_up(p.v_dim, kCols);
-  return bq * p.head_dim + p.head_dim * kBlockK + kBlockK * dvp + bq * kBlockK + bq * dvp + 2 * bq;
+  return bq * p.head_dim + p.head_dim * kBlockK + kBlockK * dvp + bq * kBlockK + bq * dvp +
+         bq * (dvp > kBlockK ? dvp : kBlockK) + 3 * bq;
 }
 
 // One query tile (rows [q0, q0 + nq) of batch b, head h) against the union of `ranges`.
@@ -93,15 +95,21 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
   const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  // Scores come out in log2 units so the softmax can use exp2.
-  const float qscale = static_cast<float>(p.scale) * 1.4426950408889634f;
+  // Scores stay in natural units (a power-of-two scale, e.g. 64**-0.5, then rounds nothing);
+  // only the non-positive differences from the running max are taken to log2 units for exp2.
+  const float qscale = static_cast<float>(p.scale);
+  const float kLog2e = 1.4426950408889634f;
+  const float kSlack = 8.f;
+  constexpr int64_t kDotRun = 32;
   float* Q = scratch;
   float* Kt = Q + bq * D;
   float* V = Kt + D * kBlockK;
   float* S = V + kBlockK * dvp;
   float* O = S + bq * kBlockK;
-  float* M = O + bq * dvp;
+  float* Ob = O + bq * dvp;  // one block's P.V (or a partial score tile) before it is added
+  float* M = Ob + bq * (dvp > kBlockK ? dvp : kBlockK);
   float* Lsum = M + bq;
+  float* Alpha = Lsum + bq;  // per-row rescale of O for the current block
   for (int64_t i = 0; i < nqp; ++i)
     for (int64_t d = 0; d < D; ++d)
       Q[i * D + d] = i < nq ? static_cast<float>(qb[(q0 + i) * p.q_sl + d]) * qscale : 0.f;
@@ -130,7 +138,14 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
         for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<float>(vr[e]);
         for (int64_t e = Dv; e < dvp; ++e) dst[e] = 0.f;
       }
-      gemm_nn(nqp, kBlockK, D, Q, D, Kt, kBlockK, S, kBlockK, false);
+      // Scores summed in two levels (runs of kDotRun products, then the runs), as a blocked
+      // BLAS GEMM does: a head dim of 128 summed in one chain costs float32 digits.
+      gemm_nn(nqp, kBlockK, D < kDotRun ? D : kDotRun, Q, D, Kt, kBlockK, S, kBlockK, false);
+      for (int64_t d0 = kDotRun; d0 < D; d0 += kDotRun) {
+        const int64_t nd = D - d0 < kDotRun ? D - d0 : kDotRun;
+        gemm_nn(nqp, kBlockK, nd, Q + d0, D, Kt + d0 * kBlockK, kBlockK, Ob, kBlockK, false);
+        for (int64_t x = 0; x < nqp * kBlockK; x += VS) storev(S + x, loadv(S + x) + loadv(Ob + x));
+      }
       for (int64_t i = 0; i < nqp; ++i) {
         float* srow = S + i * kBlockK;
         for (int64_t j = nk; j < kBlockK; ++j) srow[j] = ninf;
@@ -138,24 +153,32 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
         for (int64_t j = VS; j < kBlockK; j += VS) mx = vmax(mx, loadv(srow + j));
         float row_max = mx[0];
         for (int t = 1; t < VS; ++t) row_max = fmax1(row_max, mx[t]);
-        const float m_new = fmax1(M[i], row_max);
-        const float alpha = __builtin_exp2f(M[i] - m_new);  // 0 on the first block (M = -inf)
+        // Lazy rescaling: the running max moves only when a block beats it by more than
+        // kSlack, so later blocks (weights up to e^kSlack, far from overflow) rarely pay a
+        // rescale of O, and O collects fewer roundings than one rescale per block would add.
+        const float m_new = row_max > M[i] + kSlack ? row_max : M[i];
+        const float alpha = __builtin_exp2f((M[i] - m_new) * kLog2e);  // 0 on the first block (M = -inf)
         M[i] = m_new;
         vf sum = splat(0.f);
         for (int64_t j = 0; j < kBlockK; j += VS) {
-          const vf pj = exp2v(loadv(srow + j) - m_new);
+          const vf pj = exp2v((loadv(srow + j) - m_new) * kLog2e);
           storev(srow + j, pj);
           sum += pj;
         }
         float row_sum = 0.f;
         for (int t = 0; t < VS; ++t) row_sum += sum[t];
         Lsum[i] = Lsum[i] * alpha + row_sum;
-        if (alpha != 1.f) {
-          float* orow = O + i * dvp;
-          for (int64_t e = 0; e < dvp; e += VS) storev(orow + e, loadv(orow + e) * alpha);
-        }
+        Alpha[i] = alpha;
       }
-      gemm_nn(nqp, dvp, nk, S, kBlockK, V, dvp, O, dvp, true);
+      // Two-level sums: each block's P.V is formed on its own, then added to O, so O's rounding
+      // grows with the number of blocks, not of keys (eager's blocked GEMM sums about as well).
+      gemm_nn(nqp, dvp, nk, S, kBlockK, V, dvp, Ob, dvp, false);
+      for (int64_t i = 0; i < nqp; ++i) {
+        const vf a = splat(Alpha[i]);
+        float* orow = O + i * dvp;
+        const float* brow = Ob + i * dvp;
+        for (int64_t e = 0; e < dvp; e += VS) storev(orow + e, loadv(orow + e) * a + loadv(brow + e));
+      }
     }
   }
 
@@ -164,9 +187,10 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
   for (int64_t i = 0; i < nq; ++i) {
     T* orow = ob + (q0 + i) * p.o_sl;
     if (Lsum[i] > 0.f) {
-      const float inv = 1.f / Lsum[i];
-      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(O[i * dvp + e] * inv);
-      lb[q0 + i] = (M[i] + __builtin_log2f(Lsum[i])) * 0.69314718055994531f;
+      // A true division, not a reciprocal and a multiply: one rounding fewer per output.
+      const float l = Lsum[i];
+      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(O[i * dvp + e] / l);
+      lb[q0 + i] = M[i] + __builtin_logf(Lsum[i]);
     } else {  // nothing to attend: the empty union of SPEC §2
       for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(0.f);
       lb[q0 + i] = ninf;
