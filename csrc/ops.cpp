@@ -15,7 +15,15 @@ TORCH_LIBRARY(vidstream, m) {
       "rope3d_shift_(Tensor(a!) k_pool, Tensor ranges, Tensor delta_frames, "
       "float theta=10000., Tensor? t_theta=None) -> ()");
 
-  // SPEC §1, §2: chunk-causal attention (schemas added by the attention work).
+  // SPEC §1: full-sequence chunk-causal sink + window attention. Always returns the float32
+  // log-sum-exp lse [B, H, L] beside out [B, L, H, Dv]; the Python wrapper drops it when unasked.
+  m.def(
+      "chunk_attention(Tensor q, Tensor k, Tensor v, int frame_tokens, int chunk_frames, "
+      "int sink_frames, int? window_frames, float scale) -> (Tensor out, Tensor lse)");
+  // SPEC §2: one chunk's queries against the union of token ranges [R, 2] of a KV pool.
+  m.def(
+      "cached_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor kv_ranges, float scale) "
+      "-> (Tensor out, Tensor lse)");
 
   // SPEC §4: low-rank latent KV (schemas added by the low-rank work).
 

@@ -1,0 +1,208 @@
+// The tiled online-softmax attention kernel of csrc/cpu/attention.cpp, written once with GCC
+// vector extensions and compiled once per instruction set: attention.cpp includes this file
+// inside a namespace under a target pragma with VS (floats per vector), MR (rows of the register
+// tile) and NC (vectors across the register tile) defined. Deliberately no include guard (it is
+// included once per instruction set) and no includes (headers must be compiled for the baseline
+// target). It sits in csrc/ so the Makefile's header list rebuilds the extension when it changes.
+
+typedef float vf __attribute__((vector_size(VS * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VS * 4), aligned(4)));
+
+constexpr int64_t kCols = VS * NC;  // columns of one register tile
+
+static inline vf splat(float x) { return vf{} + x; }
+static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
+static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+static inline vf vmax(vf a, vf b) {
+  const vi m = a > b;
+  return (vf)(((vi)a & m) | ((vi)b & ~m));
+}
+
+// 2^x for x <= 0 (scores minus their running max), ~1 ulp; below -126 (and -inf) gives 0.
+// A polynomial rather than std::exp2 so the whole row stays in vector registers.
+static inline vf exp2v(vf x) {
+  const vi under = x < splat(-126.f);
+  x = vmax(x, splat(-126.f));
+  const vf n = (x + 12582912.f) - 12582912.f;  // round to nearest integer
+  const vf f = (x - n) * 0.69314718055994531f;  // in [-ln2/2, ln2/2]
+  vf p = splat(1.f / 5040.f);
+  p = p * f + (1.f / 720.f);
+  p = p * f + (1.f / 120.f);
+  p = p * f + (1.f / 24.f);
+  p = p * f + (1.f / 6.f);
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return (vf)((vi)(p * (vf)e) & ~under);
+}
+
+// C[M, N] (+)= A[M, K] . B[K, N], row-major float; M % MR == 0, N % kCols == 0. The MR x NC
+// register tile of C stays in registers across the whole K loop.
+static void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t i0 = 0; i0 < M; i0 += MR) {
+    for (int64_t j0 = 0; j0 < N; j0 += kCols) {
+      vf c[MR][NC];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NC; ++v)
+          c[r][v] = accumulate ? loadv(C + (i0 + r) * ldc + j0 + v * VS) : splat(0.f);
+      const float* a = A + i0 * lda;
+      const float* b = B + j0;
+      for (int64_t kk = 0; kk < K; ++kk) {
+        vf bv[NC];
+#pragma GCC unroll 8
+        for (int v = 0; v < NC; ++v) bv[v] = loadv(b + kk * ldb + v * VS);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const vf av = splat(a[r * lda + kk]);
+#pragma GCC unroll 8
+          for (int v = 0; v < NC; ++v) c[r][v] += av * bv[v];
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NC; ++v) storev(C + (i0 + r) * ldc + j0 + v * VS, c[r][v]);
+    }
+  }
+}
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static inline float fmax1(float a, float b) { return a > b ? a : b; }
+
+// Floats of per-thread scratch attend_tile needs: Q, K^T, V, S, O tiles and two row vectors.
+static int64_t scratch_floats(const AttnProblem& p) {
+  const int64_t bq = round_up(kBlockQ, MR), dvp = round_up(p.v_dim, kCols);
+  return bq * p.head_dim + p.head_dim * kBlockK + kBlockK * dvp + bq * kBlockK + bq * dvp +
+         bq * (dvp > kBlockK ? dvp : kBlockK) + 3 * bq;
+}
+
+// One query tile (rows [q0, q0 + nq) of batch b, head h) against the union of `ranges`.
+// Only raw pointers cross this boundary: no std template is instantiated under the target
+// pragma, so no ISA-specific copy of one can leak to the baseline code through the linker.
+template <typename T>
+static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRange* ranges,
+                        int64_t num_ranges, float* scratch) {
+  const int64_t b = it.b, h = it.h, q0 = it.q0, nq = it.nq;
+  const int64_t D = p.head_dim, Dv = p.v_dim;
+  const int64_t dvp = round_up(Dv, kCols);
+  const int64_t nqp = round_up(nq, MR);
+  const int64_t bq = round_up(kBlockQ, MR);
+  const int64_t hk = h / (p.heads / p.kv_heads);
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  // Scores stay in natural units (a power-of-two scale, e.g. 64**-0.5, then rounds nothing);
+  // only the non-positive differences from the running max are taken to log2 units for exp2.
+  const float qscale = static_cast<float>(p.scale);
+  const float kLog2e = 1.4426950408889634f;
+  const float kSlack = 8.f;
+  constexpr int64_t kDotRun = 32;
+  float* Q = scratch;
+  float* Kt = Q + bq * D;
+  float* V = Kt + D * kBlockK;
+  float* S = V + kBlockK * dvp;
+  float* O = S + bq * kBlockK;
+  float* Ob = O + bq * dvp;  // one block's P.V (or a partial score tile) before it is added
+  float* M = Ob + bq * (dvp > kBlockK ? dvp : kBlockK);
+  float* Lsum = M + bq;
+  float* Alpha = Lsum + bq;  // per-row rescale of O for the current block
+  for (int64_t i = 0; i < nqp; ++i)
+    for (int64_t d = 0; d < D; ++d)
+      Q[i * D + d] = i < nq ? static_cast<float>(qb[(q0 + i) * p.q_sl + d]) * qscale : 0.f;
+  const float ninf = -__builtin_inff();
+  for (int64_t x = 0; x < nqp * dvp; ++x) O[x] = 0.f;
+  for (int64_t i = 0; i < nqp; ++i) {
+    M[i] = ninf;
+    Lsum[i] = 0.f;
+  }
+
+  for (int64_t r = 0; r < num_ranges; ++r) {
+    const TokenRange rg = ranges[r];
+    for (int64_t j0 = rg.first; j0 < rg.second; j0 += kBlockK) {
+      const int64_t nk = rg.second - j0 < kBlockK ? rg.second - j0 : kBlockK;
+      // K^T (zero-padded to a full block) so the score GEMM walks contiguous rows of keys.
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* kr = kb + (j0 + j) * p.k_sl;
+        for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+      }
+      if (nk < kBlockK)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = nk; j < kBlockK; ++j) Kt[d * kBlockK + j] = 0.f;
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* vr = vb + (j0 + j) * p.v_sl;
+        float* dst = V + j * dvp;
+        for (int64_t e = 0; e < Dv; ++e) dst[e] = static_cast<float>(vr[e]);
+        for (int64_t e = Dv; e < dvp; ++e) dst[e] = 0.f;
+      }
+      // Scores summed in two levels (runs of kDotRun products, then the runs), as a blocked
+      // BLAS GEMM does: a head dim of 128 summed in one chain costs float32 digits.
+      gemm_nn(nqp, kBlockK, D < kDotRun ? D : kDotRun, Q, D, Kt, kBlockK, S, kBlockK, false);
+      for (int64_t d0 = kDotRun; d0 < D; d0 += kDotRun) {
+        const int64_t nd = D - d0 < kDotRun ? D - d0 : kDotRun;
+        gemm_nn(nqp, kBlockK, nd, Q + d0, D, Kt + d0 * kBlockK, kBlockK, Ob, kBlockK, false);
+        for (int64_t x = 0; x < nqp * kBlockK; x += VS) storev(S + x, loadv(S + x) + loadv(Ob + x));
+      }
+      for (int64_t i = 0; i < nqp; ++i) {
+        float* srow = S + i * kBlockK;
+        for (int64_t j = nk; j < kBlockK; ++j) srow[j] = ninf;
+        vf mx = loadv(srow);
+        for (int64_t j = VS; j < kBlockK; j += VS) mx = vmax(mx, loadv(srow + j));
+        float row_max = mx[0];
+        for (int t = 1; t < VS; ++t) row_max = fmax1(row_max, mx[t]);
+        // Lazy rescaling: the running max moves only when a block beats it by more than
+        // kSlack, so later blocks (weights up to e^kSlack, far from overflow) rarely pay a
+        // rescale of O, and O collects fewer roundings than one rescale per block would add.
+        const float m_new = row_max > M[i] + kSlack ? row_max : M[i];
+        const float alpha = __builtin_exp2f((M[i] - m_new) * kLog2e);  // 0 on the first block (M = -inf)
+        M[i] = m_new;
+        vf sum = splat(0.f);
+        for (int64_t j = 0; j < kBlockK; j += VS) {
+          const vf pj = exp2v((loadv(srow + j) - m_new) * kLog2e);
+          storev(srow + j, pj);
+          sum += pj;
+        }
+        float row_sum = 0.f;
+        for (int t = 0; t < VS; ++t) row_sum += sum[t];
+        Lsum[i] = Lsum[i] * alpha + row_sum;
+        Alpha[i] = alpha;
+      }
+      // Two-level sums: each block's P.V is formed on its own, then added to O, so O's rounding
+      // grows with the number of blocks, not of keys (eager's blocked GEMM sums about as well).
+      gemm_nn(nqp, dvp, nk, S, kBlockK, V, dvp, Ob, dvp, false);
+      for (int64_t i = 0; i < nqp; ++i) {
+        const vf a = splat(Alpha[i]);
+        float* orow = O + i * dvp;
+        const float* brow = Ob + i * dvp;
+        for (int64_t e = 0; e < dvp; e += VS) storev(orow + e, loadv(orow + e) * a + loadv(brow + e));
+      }
+    }
+  }
+
+  T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  float* lb = p.lse + (b * p.heads + h) * p.lse_sh;
+  for (int64_t i = 0; i < nq; ++i) {
+    T* orow = ob + (q0 + i) * p.o_sl;
+    if (Lsum[i] > 0.f) {
+      // A true division, not a reciprocal and a multiply: one rounding fewer per output.
+      const float l = Lsum[i];
+      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(O[i * dvp + e] / l);
+      lb[q0 + i] = M[i] + __builtin_logf(Lsum[i]);
+    } else {  // nothing to attend: the empty union of SPEC §2
+      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(0.f);
+      lb[q0 + i] = ninf;
+    }
+  }
+}
+
+static void attend_tile_any(const AttnProblem& p, const WorkItem& it, const TokenRange* ranges,
+                            int64_t num_ranges, float* scratch) {
+  switch (p.dtype) {
+    case at::kFloat: return attend_tile<float>(p, it, ranges, num_ranges, scratch);
+    case at::kHalf: return attend_tile<at::Half>(p, it, ranges, num_ranges, scratch);
+    default: return attend_tile<at::BFloat16>(p, it, ranges, num_ranges, scratch);
+  }
+}

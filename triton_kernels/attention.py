@@ -1,0 +1,297 @@
+"""Triton kernels of chunk_attention (SPEC §1) and cached_attention (SPEC §2): a
+FlashAttention-2-style forward, registered with ``torch.library.triton_op`` as
+``vidstream::chunk_attention_triton`` and ``vidstream::cached_attention_triton``.
+
+One program owns BLOCK_M queries of one (batch, head) and walks key ranges block by block with
+an online softmax in float32 (exp2; 16-bit inputs fold log2 e into the score scale, float32
+inputs keep scores in natural units and scale only the differences from the running max, so a
+power-of-two softmax scale rounds nothing and float32 error stays that of eager PyTorch).
+The chunk-causal mask is arithmetic on frame and chunk indices: for a query block spanning
+chunks c_lo..c_hi the keys are at most two ranges (sink, window), blocks outside them are never
+visited, blocks every row may see take the unmasked path, and only the boundary blocks evaluate
+the mask. The cached form walks the given ranges; only each range's tail block is masked.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def _configs():
+    if _INTERPRET:  # every config would run under the interpreter: one small one
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    # Hopper/Ampere: 128 x 64-128 tiles, 8 warps for head dim 128; a 64-row option for short Lq.
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+                             (128, 32, 4, 4), (64, 128, 4, 2)]
+    ]
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, offs_m, qk_scale,
+                  ft, cf, sink, window,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  MASKED: tl.constexpr, CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  IEEE: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_DV)
+    if MASKED:
+        in_range = offs_n < range_end
+        k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
+                    mask=in_range[:, None] & (offs_d < D)[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
+                    mask=in_range[:, None] & (offs_e < DV)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
+                    mask=(offs_d < D)[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
+                    mask=(offs_e < DV)[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        ok = in_range[None, :]
+        if CHUNK_MASK:
+            frame_i = offs_m // ft
+            chunk_i = frame_i // cf
+            frame_j = offs_n // ft
+            ok = ok & ((frame_j // cf)[None, :] <= chunk_i[:, None])
+            if HAS_WINDOW:
+                end_i = (chunk_i + 1) * cf
+                ok = ok & ((frame_j[None, :] < sink) | (frame_j[None, :] >= (end_i - window)[:, None]))
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may have nothing in this block yet: keep exp2 away from -inf - -inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if IEEE:
+        p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)
+        alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs, re, fs, fe, offs_m, qk_scale,
+                  ft, cf, sink, window,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    # Blocks start at rs + t * BLOCK_N. Those wholly inside [fs, fe) (keys every row may see)
+    # skip the mask; the ones before and after it evaluate it.
+    n_blocks = tl.cdiv(tl.maximum(re - rs, 0), BLOCK_N)
+    t_lo = tl.minimum(tl.cdiv(tl.maximum(fs - rs, 0), BLOCK_N), n_blocks)
+    t_hi = tl.minimum(tl.maximum(tl.maximum(fe - rs, 0) // BLOCK_N, t_lo), n_blocks)
+    for t in range(0, t_lo):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
+                                      offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
+                                      BLOCK_D, BLOCK_DV,
+                                      True, CHUNK_MASK, HAS_WINDOW, IEEE)
+    for t in range(t_lo, t_hi):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
+                                      offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
+                                      BLOCK_D, BLOCK_DV,
+                                      False, CHUNK_MASK, HAS_WINDOW, IEEE)
+    for t in range(t_hi, n_blocks):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
+                                      offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
+                                      BLOCK_D, BLOCK_DV,
+                                      True, CHUNK_MASK, HAS_WINDOW, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _load_q(q_ptr, offs_m, sq_l, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(q_ptr + offs_m[:, None] * sq_l + offs_d[None, :],
+                   mask=(offs_m < n_rows)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store(o_ptr, lse_ptr, acc, m_i, l_i, offs_m, so_l, n_rows, DV: tl.constexpr,
+           BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+    offs_e = tl.arange(0, BLOCK_DV)
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    tl.store(o_ptr + offs_m[:, None] * so_l + offs_e[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_m < n_rows)[:, None] & (offs_e < DV)[None, :])
+    if IEEE:  # m_i in natural units
+        lse = m_i + tl.log(tl.where(has, l_i, 1.0))
+    else:
+        lse = (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453
+    lse = tl.where(has, lse, float("-inf"))
+    tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_rows)
+
+
+@triton.autotune(configs=_configs(), key=["D", "DV", "HAS_WINDOW", "IEEE"])
+@triton.jit
+def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                            L, heads, group, qk_scale, ft, cf, sink, window,
+                            sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
+                            so_b, so_l, so_h,
+                            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)  # batch offsets can pass 2**31 elements
+    h = bh % heads
+    hk = h // group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_q(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, L, D, BLOCK_D)
+    kp = k_ptr + b * sk_b + hk * sk_h
+    vp = v_ptr + b * sv_b + hk * sv_h
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The rows of this block lie in chunks c_lo..c_hi; end = first frame after a chunk.
+    last = tl.minimum(m0 + BLOCK_M, L) - 1
+    end_lo = (m0 // ft // cf + 1) * cf
+    end_hi = (last // ft // cf + 1) * cf
+    keys_end = tl.minimum(end_hi * ft, L)
+    all_end = tl.minimum(end_lo * ft, L)  # keys before it are causal for every row
+    if HAS_WINDOW:
+        sink_end = tl.minimum(tl.minimum(sink, end_hi) * ft, keys_end)
+        win_lo = tl.maximum(end_lo - window, 0) * ft  # earliest window key of any row
+        win_all = tl.maximum(end_hi - window, 0) * ft  # window keys every row sees start here
+        if sink_end >= win_lo:  # sink and window touch: one range
+            fs = tl.where(win_all <= tl.minimum(sink, end_lo) * ft, 0, win_all)
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, 0, keys_end, fs,
+                                          all_end, offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
+                                          BLOCK_D, BLOCK_DV, True, True, IEEE)
+        else:
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, 0, sink_end, 0,
+                                          tl.minimum(tl.minimum(sink, end_lo) * ft, L), offs_m, qk_scale,
+                                          ft, cf, sink, window, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True,
+                                          True, IEEE)
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, win_lo, keys_end,
+                                          win_all, all_end, offs_m, qk_scale, ft, cf, sink, window,
+                                          BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, True, True, IEEE)
+    else:
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, 0, keys_end, 0, all_end,
+                                      offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV, BLOCK_D,
+                                      BLOCK_DV, True, False, IEEE)
+    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * L, acc, m_i, l_i, offs_m, so_l, L, DV,
+           BLOCK_DV, IEEE)
+
+
+@triton.autotune(configs=_configs(), key=["D", "DV", "IEEE"])
+@triton.jit
+def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, num_ranges,
+                             Lq, heads, group, qk_scale,
+                             sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
+                             so_b, so_l, so_h,
+                             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DV: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)  # batch offsets can pass 2**31 elements
+    h = bh % heads
+    hk = h // group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_q(q_ptr + b * sq_b + h * sq_h, offs_m, sq_l, Lq, D, BLOCK_D)
+    kp = k_ptr + b * sk_b + hk * sk_h
+    vp = v_ptr + b * sv_b + hk * sv_h
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(0, num_ranges):
+        rs = tl.load(ranges_ptr + 2 * r)
+        re = tl.load(ranges_ptr + 2 * r + 1)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, rs, re, rs, re, offs_m,
+                                      qk_scale, 1, 1, 0, 0, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, False,
+                                      IEEE)
+    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, offs_m, so_l, Lq, DV,
+           BLOCK_DV, IEEE)
+
+
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
+def _outputs(q, v):
+    B, L, H, _ = q.shape
+    out = torch.empty(B, L, H, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _common_args(q, k, v, out):
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+
+
+def _score_scale(q, scale):
+    return scale if q.dtype == torch.float32 else scale * _LOG2E
+
+
+def _dims(q, v):
+    D, DV = q.shape[3], v.shape[3]
+    return dict(D=D, DV=DV, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_DV=max(16, triton.next_power_of_2(DV)), IEEE=q.dtype == torch.float32)
+
+
+@triton_op("vidstream::chunk_attention_triton", mutates_args=())
+def chunk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
+                           chunk_frames: int, sink_frames: int, window_frames: Optional[int],
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _inner(q), _inner(k), _inner(v)
+    out, lse = _outputs(q, v)
+    B, L, H, _ = q.shape
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    wrap_triton(_chunk_attention_kernel)[grid](
+        q, k, v, out, lse, L, H, H // k.shape[2], _score_scale(q, scale), frame_tokens, chunk_frames,
+        sink_frames, 0 if window_frames is None else window_frames, *_common_args(q, k, v, out),
+        HAS_WINDOW=window_frames is not None, **_dims(q, v))
+    return out, lse
+
+
+@chunk_attention_triton.register_fake
+def _(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale):
+    return _outputs(q, v)
+
+
+@triton_op("vidstream::cached_attention_triton", mutates_args=())
+def cached_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            kv_ranges: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_ranges``: int32 [R, 2] on q's device, already checked (in bounds, disjoint)."""
+    q, k, v = _inner(q), _inner(k_pool), _inner(v_pool)
+    out, lse = _outputs(q, v)
+    B, Lq, H, _ = q.shape
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    wrap_triton(_cached_attention_kernel)[grid](
+        q, k, v, out, lse, kv_ranges, kv_ranges.shape[0], Lq, H, H // k.shape[2], _score_scale(q, scale),
+        *_common_args(q, k, v, out), **_dims(q, v))
+    return out, lse
+
+
+@cached_attention_triton.register_fake
+def _(q, k_pool, v_pool, kv_ranges, scale):
+    return _outputs(q, v_pool)
