@@ -1,0 +1,103 @@
+"""Triton kernel of lowrank_decompress (SPEC §4), registered with ``torch.library.triton_op`` as
+``vidstream::lowrank_decompress_triton``.
+
+One program: BLOCK_N tokens of the ranges for one head. The latent tile is gathered through the
+token index (so ranges in any order cost nothing extra), multiplied by the head's K and V
+up-projections with float32 accumulation, and K (with the shared positional key appended) and V
+are written in the [B, N, H, D] layout the attention kernels read. Heads are the fastest grid
+axis, so the H programs of one token block run together and read the latent tile from L2."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _decompress_kernel(c_ptr, kr_ptr, wuk_ptr, wuv_ptr, idx_ptr, k_ptr, v_ptr,
+                       N, H, D_C, D_NOPE, D_R, D_V,
+                       scb, scl, scc, srb, srl, srd,
+                       sukh, sukc, sukd, suvh, suvc, suvd,
+                       HAS_R: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr,
+                       BLOCK_DV: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    n = (pid // H) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(1)
+    n_ok = n < N
+    tok = tl.load(idx_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    dn = tl.arange(0, BLOCK_DN)
+    dv = tl.arange(0, BLOCK_DV)
+    acc_k = tl.zeros([BLOCK_N, BLOCK_DN], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    c_row = c_ptr + b * scb + tok * scl
+    for k0 in range(0, D_C, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < D_C
+        c = tl.load(c_row[:, None] + kk[None, :] * scc, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(wuk_ptr + h * sukh + kk[:, None] * sukc + dn[None, :] * sukd,
+                     mask=k_ok[:, None] & (dn < D_NOPE)[None, :], other=0.0)
+        wv = tl.load(wuv_ptr + h * suvh + kk[:, None] * suvc + dv[None, :] * suvd,
+                     mask=k_ok[:, None] & (dv < D_V)[None, :], other=0.0)
+        acc_k = tl.dot(c, wk, acc_k, input_precision=PREC)
+        acc_v = tl.dot(c, wv, acc_v, input_precision=PREC)
+    DK = D_NOPE + D_R
+    out_row = (b * N + n).to(tl.int64) * H + h
+    k_row = k_ptr + out_row * DK
+    tl.store(k_row[:, None] + dn[None, :], acc_k.to(k_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (dn < D_NOPE)[None, :])
+    if HAS_R:
+        dr = tl.arange(0, BLOCK_DR)
+        r_ok = n_ok[:, None] & (dr < D_R)[None, :]
+        r = tl.load(kr_ptr + b * srb + tok[:, None] * srl + dr[None, :] * srd, mask=r_ok, other=0.0)
+        tl.store(k_row[:, None] + D_NOPE + dr[None, :], r, mask=r_ok)
+    tl.store(v_ptr + out_row[:, None] * D_V + dv[None, :], acc_v.to(v_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (dv < D_V)[None, :])
+
+
+def _block(n: int) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+@triton_op("vidstream::lowrank_decompress_triton", mutates_args=())
+def lowrank_decompress_triton(c_pool: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+                              token_idx: torch.Tensor,
+                              k_r_pool: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    B, _, d_c = c_pool.shape
+    H, _, d_nope = w_uk.shape
+    d_v = w_uv.shape[2]
+    d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
+    N = token_idx.shape[0]
+    k = torch.empty((B, N, H, d_nope + d_r), dtype=c_pool.dtype, device=c_pool.device)
+    v = torch.empty((B, N, H, d_v), dtype=c_pool.dtype, device=c_pool.device)
+    if B * N * H == 0:
+        return k, v
+    kr = k_r_pool if k_r_pool is not None else c_pool
+    block_n = 64
+    grid = (triton.cdiv(N, block_n) * H, B)
+    wrap_triton(_decompress_kernel)[grid](
+        c_pool, kr, w_uk, w_uv, token_idx, k, v,
+        N, H, d_c, d_nope, d_r, d_v,
+        c_pool.stride(0), c_pool.stride(1), c_pool.stride(2),
+        kr.stride(0), kr.stride(1), kr.stride(2),
+        w_uk.stride(0), w_uk.stride(1), w_uk.stride(2),
+        w_uv.stride(0), w_uv.stride(1), w_uv.stride(2),
+        HAS_R=k_r_pool is not None and d_r > 0,
+        PREC="ieee" if c_pool.dtype == torch.float32 else "tf32",
+        BLOCK_N=block_n, BLOCK_K=32, BLOCK_DN=_block(d_nope), BLOCK_DR=_block(d_r),
+        BLOCK_DV=_block(d_v))
+    return k, v
+
+
+@lowrank_decompress_triton.register_fake
+def _(c_pool, w_uk, w_uv, token_idx, k_r_pool):
+    B, H, N = c_pool.shape[0], w_uk.shape[0], token_idx.shape[0]
+    d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
+    k = torch.empty((B, N, H, w_uk.shape[2] + d_r), dtype=c_pool.dtype, device=c_pool.device)
+    return k, torch.empty((B, N, H, w_uv.shape[2]), dtype=c_pool.dtype, device=c_pool.device)
