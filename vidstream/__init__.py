@@ -8,6 +8,7 @@ from . import _extension, reference
 from .attention import cached_attention, chunk_attention
 from .backend import backend_for, backends, use_backend
 from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .lowrank_kv import LowRankKV
 from .rope import rope3d, rope3d_shift_
 from .selection import select_blocks
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 _extension.load()
 
 __all__ = [
+    "LowRankKV",
     "backend_for",
     "backends",
     "cached_attention",
