@@ -120,13 +120,13 @@ void attend_tile(const at::Tensor& qn, const at::Tensor& qr, const at::Tensor& k
     for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, row[j]);
     const float m_new = std::max(m[i], mx);
     const float alpha = std::exp(m[i] - m_new);  // 0 on the first tile (m = -inf)
-    float sum = 0.f;
+    double sum = 0.0;  // a float running sum over a 512-wide tile loses ~sqrt(512) ulps
     for (int64_t j = 0; j < cols; ++j) {
       const float p = std::exp(row[j] - m_new);
       row[j] = p;
       sum += p;
     }
-    l[i] = l[i] * alpha + sum;
+    l[i] = static_cast<float>(l[i] * alpha + sum);
     m[i] = m_new;
     if (alpha != 1.f)
       for (int64_t x = 0; x < dv; ++x) ap[i * sa + x] *= alpha;
