@@ -67,15 +67,25 @@ def attention_flops(batch: int, queries: int, tokens: int, heads: int, d_c: int,
             "absorb": batch * queries * up + attn * (2 * d_c + d_r)}
 
 
+# Absorb when its multiply-adds are below this multiple of decompressing's. On the CPU the
+# latent attention runs one GEMM for all heads against a K tile they share, and skips the
+# decompression GEMM and the per-head K assembly, so it stays level with "tiled" up to about
+# 1.5x the multiply-adds (bench/bench_lowrank.py strategy sweep, 2-core CPU). GPUs: not measured
+# here; the plain count (1.0) until bench/gpu_check.sh says otherwise.
+ABSORB_FLOP_RATIO = {"cpu": 1.5, "triton": 1.0, "cuda": 1.0}
+
+
 def choose_strategy(backend_name: str, batch: int, queries: int, tokens: int, heads: int, d_c: int,
                     d_nope: int, d_r: int, d_v: int) -> str:
-    """The strategy a backend runs when none is asked for: the one with fewer multiply-adds
-    (``attention_flops``). Absorbing wins for few queries (decode-like) or a latent narrower than
-    the heads (``2 d_c + d_r < d_nope + d_r + d_v``); a video chunk of thousands of queries
-    against a 192-wide latent decompresses. On the CPU the decompression runs per KV tile inside
-    the fused kernel ("tiled"), which measured faster than a transient K/V for the whole context."""
+    """The strategy a backend runs when none is asked for. Absorbing wins for few queries
+    (decode-like) or a latent narrower than the heads (``2 d_c + d_r < d_nope + d_r + d_v``); a
+    video chunk of thousands of queries against a 192-wide latent decompresses. On the CPU the
+    decompression runs per KV tile inside the fused kernel ("tiled"), which measured faster than
+    a transient K/V for the whole context; on a GPU, per-tile decompression would be repeated by
+    every query block (``d_c (d_nope + d_v) / (block_q (d_nope + d_r + d_v))``, 1.3x the attention
+    itself at Wan shapes and 128-query blocks), so the GPU backends decompress once per call."""
     f = attention_flops(batch, queries, tokens, heads, d_c, d_nope, d_r, d_v)
-    if f["absorb"] < f["decompress"]:
+    if f["absorb"] < ABSORB_FLOP_RATIO.get(backend_name, 1.0) * f["decompress"]:
         return "absorb"
     return "tiled" if backend_name == "cpu" else "decompress"
 

@@ -104,67 +104,61 @@ std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cpu(const at::Tensor& c_po
   return {k, v};
 }
 
-// One KV tile against a block of query rows: S = Qn Kn^T (+ Qr Kr^T), then the online-softmax
-// update of (m, l, acc) of those rows. q rows are pre-scaled, so S is already in natural-log units.
-void attend_tile(const at::Tensor& qn, const at::Tensor& qr, const at::Tensor& kn,
-                 const at::Tensor& kr, const at::Tensor& vt, float* m, float* l, at::Tensor acc) {
-  at::Tensor s = at::mm(qn, kn.t());
-  if (qr.defined()) s.addmm_(qr, kr.t());
-  const int64_t rows = s.size(0), cols = s.size(1), dv = acc.size(1);
-  float* sp = s.data_ptr<float>();
-  float* ap = acc.data_ptr<float>();
-  const int64_t sa = acc.stride(0);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = sp + i * cols;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, row[j]);
-    const float m_new = std::max(m[i], mx);
-    const float alpha = std::exp(m[i] - m_new);  // 0 on the first tile (m = -inf)
-    double sum = 0.0;  // a float running sum over a 512-wide tile loses ~sqrt(512) ulps
-    for (int64_t j = 0; j < cols; ++j) {
-      const float p = std::exp(row[j] - m_new);
-      row[j] = p;
-      sum += p;
-    }
-    l[i] = static_cast<float>(l[i] * alpha + sum);
-    m[i] = m_new;
-    if (alpha != 1.f)
-      for (int64_t x = 0; x < dv; ++x) ap[i * sa + x] *= alpha;
-  }
-  acc.addmm_(s, vt);
+// One KV tile against a block of query rows: S = Q K^T, then the online-softmax update of
+// (m, l, acc) of those rows. Q rows are pre-scaled, so S is already in natural-log units. The
+// element-wise steps are ATen ops: vectorised at run time, and the row sums are cascaded.
+void attend_tile(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor m,
+                 at::Tensor l, at::Tensor acc) {
+  at::Tensor s = at::mm(q, k.t());
+  const at::Tensor m_new = at::maximum(m, s.amax(1));
+  const at::Tensor alpha = (m - m_new).exp_();  // 0 on the first tile (m = -inf)
+  s.sub_(m_new.unsqueeze(1)).exp_();
+  l.mul_(alpha).add_(s.sum(1));
+  acc.mul_(alpha.unsqueeze(1)).addmm_(s, v);
+  m.copy_(m_new);
 }
 
+// qg [B, G, R, Dq] pre-scaled queries; group g attends K_g [N, Dq] and V_g [N, Dv'].
+//   absorb: G = 1, R = H * Lq, K = concat(c, k_r), V = c (shared by all heads).
+//   tiled:  G = H, R = Lq, K_h = concat(c @ w_uk[h], k_r), V_h = c @ w_uv[h].
 template <typename T>
 void attention_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
                       const at::Tensor& w_cat, const std::vector<int32_t>& idx, const at::Tensor& qg,
-                      int64_t dn, bool absorb, const LowRankDims& d, at::Tensor& m, at::Tensor& l,
+                      bool absorb, const LowRankDims& d, at::Tensor& m, at::Tensor& l,
                       at::Tensor& acc) {
   const int64_t N = static_cast<int64_t>(idx.size());
   const int64_t G = qg.size(1), R = qg.size(2);
-  const int64_t per_head = d.d_nope + d.d_v;
+  const int64_t per_head = d.d_nope + d.d_v, dk = d.d_nope + d.d_r;
   const int64_t blocks = (R + kQueryBlock - 1) / kQueryBlock;
   at::Tensor ct = at::empty({kKvTile, d.d_c}, at::kFloat);
   at::Tensor rt = at::empty({kKvTile, std::max<int64_t>(d.d_r, 1)}, at::kFloat);
+  at::Tensor k_heads = absorb ? at::Tensor() : at::empty({d.heads, kKvTile, dk}, at::kFloat);
   for (int64_t b = 0; b < d.batch; ++b) {
     for (int64_t n0 = 0; n0 < N; n0 += kKvTile) {
       const int64_t nt = std::min(kKvTile, N - n0);
       gather_rows<T>(c_pool, b, idx.data() + n0, nt, ct.data_ptr<float>());
       if (d.d_r) gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
       const at::Tensor c_t = ct.narrow(0, 0, nt);
-      const at::Tensor kr = d.d_r ? rt.narrow(0, 0, nt).narrow(1, 0, d.d_r) : at::Tensor();
-      // Outside the parallel region, so ATen's GEMM may use every thread for the decompression.
-      const at::Tensor kv = absorb ? at::Tensor() : at::mm(c_t, w_cat);
+      const at::Tensor r_t = rt.narrow(0, 0, nt).narrow(1, 0, d.d_r);
+      at::Tensor k_t, kv;
+      if (absorb) {
+        k_t = d.d_r ? at::cat({c_t, r_t}, 1) : c_t;
+      } else {
+        // Outside the parallel region, so ATen's GEMM may use every thread for the decompression.
+        kv = at::mm(c_t, w_cat);  // [nt, H * (d_nope + d_v)]
+        k_t = k_heads.narrow(1, 0, nt);
+        k_t.narrow(2, 0, d.d_nope)
+            .copy_(kv.view({nt, d.heads, per_head}).narrow(2, 0, d.d_nope).transpose(0, 1));
+        if (d.d_r) k_t.narrow(2, d.d_nope, d.d_r).copy_(r_t.unsqueeze(0).expand({d.heads, nt, d.d_r}));
+      }
       at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t w = begin; w < end; ++w) {
           const int64_t g = w / blocks, r0 = (w % blocks) * kQueryBlock;
           const int64_t rows = std::min(kQueryBlock, R - r0);
-          const at::Tensor q = qg[b][g].narrow(0, r0, rows);
-          const at::Tensor kn = absorb ? c_t : kv.narrow(1, g * per_head, d.d_nope);
-          const at::Tensor vt = absorb ? c_t : kv.narrow(1, g * per_head + d.d_nope, d.d_v);
-          const at::Tensor qr = d.d_r ? q.narrow(1, dn, d.d_r) : at::Tensor();
-          float* mp = m.data_ptr<float>() + (b * G + g) * R + r0;
-          float* lp = l.data_ptr<float>() + (b * G + g) * R + r0;
-          attend_tile(q.narrow(1, 0, dn), qr, kn, kr, vt, mp, lp, acc[b][g].narrow(0, r0, rows));
+          const at::Tensor k = absorb ? k_t : k_t[g];
+          const at::Tensor v = absorb ? c_t : kv.narrow(1, g * per_head + d.d_nope, d.d_v);
+          attend_tile(qg[b][g].narrow(0, r0, rows), k, v, m[b][g].narrow(0, r0, rows),
+                      l[b][g].narrow(0, r0, rows), acc[b][g].narrow(0, r0, rows));
         }
       });
     }
@@ -191,13 +185,12 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
   // Scaled float32 queries, head-major: [B, H, Lq, d_nope + d_r].
   const at::Tensor qf = q.to(at::kFloat).mul(scale).permute({0, 2, 1, 3});
   at::Tensor qg;
-  int64_t dn = d.d_nope, dv = d.d_v;
+  int64_t dv = d.d_v;
   if (absorb) {
     // q_lat[b, h, i] = q_nope[b, i, h] @ w_uk[h]^T: the latent-space query of each head.
     const at::Tensor q_lat =
         at::matmul(qf.narrow(3, 0, d.d_nope), w_uk.to(at::kFloat).transpose(1, 2).unsqueeze(0));
     qg = at::cat({q_lat, qf.narrow(3, d.d_nope, d.d_r)}, 3).reshape({B, 1, H * Lq, d.d_c + d.d_r});
-    dn = d.d_c;
     dv = d.d_c;
   } else {
     qg = qf.contiguous();
@@ -209,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
   const at::Tensor w_cat = absorb ? at::Tensor() : stacked_up_projection(w_uk, w_uv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
                                   "lowrank_cached_attention_cpu", [&] {
-                                    attention_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qg, dn,
+                                    attention_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qg,
                                                                absorb, d, m, l, acc);
                                   });
   at::Tensor o = acc.div_(l.unsqueeze(-1)).reshape({B, H, Lq, dv});
