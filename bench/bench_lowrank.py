@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
+from vidstream import backend  # noqa: E402
 from vidstream.lowrank import STRATEGIES, attention_flops, choose_strategy  # noqa: E402
 from vidstream.lowrank_kv import LowRankKV, reconstruction_error  # noqa: E402
 
@@ -94,6 +95,8 @@ def attention_rows(args, device, dtype, Lq, N, backends):
             with vidstream.use_backend(be):
                 rows.append({"method": f"lowrank_decompress [{be}]", "ms": time_ms(
                     lambda: vidstream.lowrank_decompress(c, w_uk, w_uv, ranges, k_r), **t)})
+                if be not in backend._registry["lowrank_cached_attention"]:
+                    continue  # the cuda backend serves the decompression; attention is triton's
                 strategies = [s for s in STRATEGIES if be == "cpu" or s != "tiled"]
                 auto = choose_strategy(be, 1, Lq, N, HEADS, D_C, HEAD_DIM - D_R, D_R, HEAD_DIM)
                 for s in strategies:
@@ -186,8 +189,9 @@ def main():
                 f"attention, {dtype}, B=1, H={HEADS}, Lq={Lq}, N={N}, d_c={D_C}, d_r={D_R}"
                 + (" (reduced: --quick)" if args.quick else ""))
     print()
-    sweep = sweep_rows(args, device, dtype, min(N, 4680), backends[0])
-    print_table(sweep, list(sweep[0]), f"strategy sweep [{backends[0]}], {dtype}")
+    attn = next(b for b in backends if b in backend._registry["lowrank_cached_attention"])
+    sweep = sweep_rows(args, device, dtype, min(N, 4680), attn)
+    print_table(sweep, list(sweep[0]), f"strategy sweep [{attn}], {dtype}")
     print()
     recon = [] if args.skip_recon else reconstruction_rows(args)
     if recon:

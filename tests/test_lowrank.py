@@ -137,6 +137,22 @@ def test_attention_equals_cached_attention_on_decompressed(backend, device, stra
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("d_r", (0, 32))
+def test_absorbed_through_cached_attention(d_r):
+    """Strategy (b) spelled with the public cached_attention (one kv head, head dim d_c + d_r,
+    the original query's scale) and two small products equals the definition."""
+    from vidstream.lowrank import _absorbed
+
+    c, w_uk, w_uv, k_r = _inputs(2, 50, 64, d_r, 16, 24, 3, torch.float64)
+    q = torch.randn(2, 5, 3, 16 + d_r, dtype=torch.float64)
+    ranges = torch.tensor([[30, 50], [0, 0], [2, 11]], dtype=torch.int32)
+    out, lse = _absorbed(q, c, w_uk, w_uv, ranges, k_r, 0.2, True)
+    o64, l64 = reference.lowrank_cached_attention(q, c, w_uk, w_uv, ranges, k_r_pool=k_r,
+                                                  scale=0.2, return_lse=True)
+    torch.testing.assert_close(out, o64)
+    torch.testing.assert_close(lse, l64.float())
+
+
 @pytest.mark.parametrize("backend,device,strategy", _strategies())
 def test_attention_empty_union(backend, device, strategy):
     require(backend, "lowrank_cached_attention", device, torch.float32)
@@ -241,8 +257,12 @@ def test_triton_schema_and_fake():
 
     c, w_uk, w_uv, k_r = _inputs(1, 12, 16, 8, 6, 5, 2, torch.float32)
     idx = torch.tensor([7, 8, 0, 1], dtype=torch.int32)
+    utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.vidstream.lowrank_decompress_triton.default,
-                          (c, w_uk, w_uv, idx, k_r), test_utils=("test_schema", "test_faketensor"))
+                          (c, w_uk, w_uv, idx, k_r), test_utils=utils)
+    q_lat, q_r = torch.randn(1, 6, 16), torch.randn(1, 6, 8)
+    torch.library.opcheck(torch.ops.vidstream.lowrank_latent_attention_triton.default,
+                          (q_lat, q_r, c, k_r, idx, 0.3), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------- LowRankKV

@@ -101,3 +101,89 @@ def _(c_pool, w_uk, w_uv, token_idx, k_r_pool):
     d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
     k = torch.empty((B, N, H, w_uk.shape[2] + d_r), dtype=c_pool.dtype, device=c_pool.device)
     return k, torch.empty((B, N, H, w_uv.shape[2]), dtype=c_pool.dtype, device=c_pool.device)
+
+
+@triton.jit
+def _latent_attention_kernel(qc_ptr, qr_ptr, c_ptr, kr_ptr, idx_ptr, o_ptr, lse_ptr,
+                             R, N, D_C, D_R, scale_log2,
+                             sqb, sqm, sqc, srqb, srqm, srqd,
+                             scb, scl, scc, srb, srl, srd,
+                             HAS_R: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One program: BLOCK_M query rows (a row is one (query, head) pair: every head attends the
+    # same latent) of one batch entry, flash-style over the tokens of the ranges. Each latent
+    # tile is loaded once and serves as the key (with k_r) and as the value.
+    b = tl.program_id(1)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < R
+    cc = tl.arange(0, BLOCK_C)
+    c_ok = cc < D_C
+    q_c = tl.load(qc_ptr + b * sqb + m[:, None] * sqm + cc[None, :] * sqc,
+                  mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < D_R
+    if HAS_R:
+        q_r = tl.load(qr_ptr + b * srqb + m[:, None] * srqm + rr[None, :] * srqd,
+                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        tok = tl.load(idx_ptr + n, mask=n_ok, other=0).to(tl.int64)
+        c = tl.load(c_ptr + b * scb + tok[:, None] * scl + cc[None, :] * scc,
+                    mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        s = tl.dot(q_c, tl.trans(c), input_precision=PREC)
+        if HAS_R:
+            r = tl.load(kr_ptr + b * srb + tok[:, None] * srl + rr[None, :] * srd,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            s = tl.dot(q_r, tl.trans(r), s, input_precision=PREC)
+        s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + (b * R + m[:, None]).to(tl.int64) * D_C + cc[None, :], o,
+             mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(lse_ptr + b * R + m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+
+
+@triton_op("vidstream::lowrank_latent_attention_triton", mutates_args=())
+def lowrank_latent_attention_triton(q_lat: torch.Tensor, q_r: Optional[torch.Tensor],
+                                    c_pool: torch.Tensor, k_r_pool: Optional[torch.Tensor],
+                                    token_idx: torch.Tensor,
+                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the latent queries q_lat [B, R, d_c] (and q_r [B, R, d_r]) over the tokens
+    token_idx [N >= 1] of the latent pool: keys concat(c, k_r), values c. Returns the float32
+    latent output [B, R, d_c] and the float32 natural-log lse [B, R]."""
+    B, R, d_c = q_lat.shape
+    d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
+    o = torch.empty((B, R, d_c), dtype=torch.float32, device=q_lat.device)
+    lse = torch.empty((B, R), dtype=torch.float32, device=q_lat.device)
+    if B * R == 0:
+        return o, lse
+    has_r = d_r > 0 and q_r is not None and k_r_pool is not None
+    qr = q_r if has_r else q_lat
+    kr = k_r_pool if has_r else c_pool
+    block_c = _block(d_c)
+    block_m = 64 if block_c <= 256 else 32  # the float32 accumulator is BLOCK_M x BLOCK_C
+    grid = (triton.cdiv(R, block_m), B)
+    wrap_triton(_latent_attention_kernel)[grid](
+        q_lat, qr, c_pool, kr, token_idx, o, lse,
+        R, token_idx.shape[0], d_c, d_r, scale * 1.4426950408889634,
+        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        c_pool.stride(0), c_pool.stride(1), c_pool.stride(2), kr.stride(0), kr.stride(1), kr.stride(2),
+        HAS_R=has_r, PREC="ieee" if c_pool.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_C=block_c, BLOCK_R=_block(d_r), num_warps=8)
+    return o, lse
+
+
+@lowrank_latent_attention_triton.register_fake
+def _(q_lat, q_r, c_pool, k_r_pool, token_idx, scale):
+    B, R, d_c = q_lat.shape
+    return (torch.empty((B, R, d_c), dtype=torch.float32, device=q_lat.device),
+            torch.empty((B, R), dtype=torch.float32, device=q_lat.device))

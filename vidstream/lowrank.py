@@ -126,18 +126,40 @@ def _token_index(host: torch.Tensor, device) -> torch.Tensor:
 
 
 def _absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
-    """Strategy "absorb" composed from two small products and cached_attention with one kv head.
-    The products run in float32 and round once to q's dtype."""
+    """Strategy "absorb" composed from two small products and cached_attention with one kv head
+    (head dim d_c + d_r, values d_c). The products run in float32 (float64 for float64) and round
+    once to q's dtype. Used where no fused latent kernel serves the backend."""
     d_nope = w_uk.shape[2]
-    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float()).to(q.dtype)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].to(cdt), w_uk.to(cdt)).to(q.dtype)
     q_a = torch.cat([q_lat, q[..., d_nope:]], dim=-1)
     idx = _token_index(host, c_pool.device).long()
     c = c_pool.index_select(1, idx)
     k_a = torch.cat([c, k_r_pool.index_select(1, idx)], dim=-1) if k_r_pool is not None else c
     res = _attend(q_a, k_a.unsqueeze(2), c.unsqueeze(2), scale, return_lse)
     o_lat = res[0] if return_lse else res
-    out = torch.einsum("bqhc,hcv->bqhv", o_lat.float(), w_uv.float()).to(q.dtype)
+    out = torch.einsum("bqhc,hcv->bqhv", o_lat.to(cdt), w_uv.to(cdt)).to(q.dtype)
     return (out, res[1]) if return_lse else out
+
+
+def _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
+    """Strategy "absorb" with the fused Triton latent attention: the latent tile is read once
+    per query block as key and value, for all heads at once."""
+    from .triton_kernels import lowrank as kernels
+
+    B, Lq, H, _ = q.shape
+    d_nope = w_uk.shape[2]
+    idx = _token_index(host, c_pool.device)
+    if idx.numel() == 0:
+        out = q.new_zeros(B, Lq, H, w_uv.shape[2])
+        lse = torch.full((B, H, Lq), float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float()).to(q.dtype)
+    q_r = q[..., d_nope:].reshape(B, Lq * H, -1) if k_r_pool is not None else None
+    o_lat, lse = kernels.lowrank_latent_attention_triton(
+        q_lat.reshape(B, Lq * H, -1), q_r, c_pool, k_r_pool, idx, float(scale))
+    out = torch.einsum("bqhc,hcv->bqhv", o_lat.view(B, Lq, H, -1), w_uv.float()).to(q.dtype)
+    return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 
 
 def _decompress_native(c_pool, w_uk, w_uv, host, k_r_pool):
@@ -166,7 +188,8 @@ def _attention(backend_name: str, decompress):
                 q, c_pool, w_uk, w_uv, host, k_r_pool, scale, strategy == "absorb")
             return (out, lse) if return_lse else out
         if strategy == "absorb":
-            return _absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse)
+            absorbed = _absorbed_triton if backend_name == "triton" else _absorbed
+            return absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse)
         raise ValueError(f"strategy 'tiled' runs on the cpu backend only; the {backend_name} "
                          "backend has 'decompress' and 'absorb'")
 
