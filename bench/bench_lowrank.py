@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,24 @@ def eager(q, c, w_uk, w_uv, k_r):
     return out.transpose(1, 2)
 
 
+def time_all(fns: dict, device, warmup: int, reps: int) -> dict:
+    """Milliseconds of each callable. GPU: ``time_ms`` (median of CUDA-event timings). CPU: the
+    calls are interleaved round-robin and the minimum is kept, so load from other processes on a
+    shared machine hits every entry alike and the least disturbed run counts."""
+    if torch.device(device).type == "cuda":
+        return {k: time_ms(f, device=device, warmup=warmup, reps=reps) for k, f in fns.items()}
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 def lowrank_call(q, c, w_uk, w_uv, ranges, k_r, strategy):
     return lambda: vidstream.lowrank_cached_attention(q, c, w_uk, w_uv, ranges, k_r_pool=k_r,
                                                       strategy=strategy)
@@ -79,40 +98,45 @@ def lowrank_call(q, c, w_uk, w_uv, ranges, k_r, strategy):
 def attention_rows(args, device, dtype, Lq, N, backends):
     q, c, w_uk, w_uv, k_r = make_inputs(1, Lq, N, D_C, D_R, dtype, device)
     ranges = torch.tensor([[0, N]], dtype=torch.int32)
-    t = dict(device=device, warmup=args.warmup, reps=args.reps, min_time_s=0.0)
-    rows = []
+    fns, auto = {}, {}
     with torch.no_grad():
         k, v = vidstream.lowrank_decompress(c, w_uk, w_uv, ranges, k_r)
-        dense_ms = time_ms(lambda: vidstream.cached_attention(q, k, v, ranges), **t)
-        eager_ms = time_ms(lambda: eager(q, c, w_uk, w_uv, k_r), **t)
-        rows.append({"method": "dense cached_attention (" + vidstream.backend_for(
-            "cached_attention", q) + ")", "ms": dense_ms})
-        rows.append({"method": "eager: einsum decompress + SDPA", "ms": eager_ms})
-        rows.append({"method": "eager einsum decompress only", "ms": time_ms(
-            lambda: (torch.einsum("bnc,hcd->bnhd", c, w_uk), torch.einsum("bnc,hcd->bnhd", c, w_uv)),
-            **t)})
+        dense = f"dense cached_attention [{vidstream.backend_for('cached_attention', q)}]"
+        fns[dense] = lambda: vidstream.cached_attention(q, k, v, ranges)
+        fns["eager: einsum decompress + SDPA"] = lambda: eager(q, c, w_uk, w_uv, k_r)
+        fns["eager einsum decompress only"] = lambda: (torch.einsum("bnc,hcd->bnhd", c, w_uk),
+                                                       torch.einsum("bnc,hcd->bnhd", c, w_uv))
         for be in backends:
-            with vidstream.use_backend(be):
-                rows.append({"method": f"lowrank_decompress [{be}]", "ms": time_ms(
-                    lambda: vidstream.lowrank_decompress(c, w_uk, w_uv, ranges, k_r), **t)})
-                if be not in backend._registry["lowrank_cached_attention"]:
-                    continue  # the cuda backend serves the decompression; attention is triton's
-                strategies = [s for s in STRATEGIES if be == "cpu" or s != "tiled"]
-                auto = choose_strategy(be, 1, Lq, N, HEADS, D_C, HEAD_DIM - D_R, D_R, HEAD_DIM)
-                for s in strategies:
-                    ms = time_ms(lowrank_call(q, c, w_uk, w_uv, ranges, k_r, s), **t)
-                    rows.append({"method": f"lowrank_cached_attention [{be}] {s}"
-                                 + (" (chosen)" if s == auto else ""), "ms": ms})
-    for r in rows:
-        r["x dense"] = r["ms"] / dense_ms
-        r["eager / this"] = eager_ms / r["ms"]
+            fns[f"lowrank_decompress [{be}]"] = _forced(be, lambda: vidstream.lowrank_decompress(
+                c, w_uk, w_uv, ranges, k_r))
+            if be not in backend._registry["lowrank_cached_attention"]:
+                continue  # the cuda backend serves the decompression; attention is triton's
+            auto[be] = choose_strategy(be, 1, Lq, N, HEADS, D_C, HEAD_DIM - D_R, D_R, HEAD_DIM)
+            for s in STRATEGIES:
+                if be == "cpu" or s != "tiled":
+                    fns[f"lowrank_cached_attention [{be}] {s}"] = _forced(
+                        be, lowrank_call(q, c, w_uk, w_uv, ranges, k_r, s))
+        ms = time_all(fns, device, args.warmup, args.reps)
+    rows = []
+    for name, t in ms.items():
+        chosen = any(name == f"lowrank_cached_attention [{be}] {s}" for be, s in auto.items())
+        rows.append({"method": name + (" (chosen)" if chosen else ""), "ms": t,
+                     "x dense": t / ms[dense],
+                     "eager / this": ms["eager: einsum decompress + SDPA"] / t})
     return rows
+
+
+def _forced(be, fn):
+    def run():
+        with vidstream.use_backend(be):
+            return fn()
+
+    return run
 
 
 def sweep_rows(args, device, dtype, N, backend):
     """Fastest strategy per (query count, latent size), next to choose_strategy's pick."""
     rows = []
-    t = dict(device=device, warmup=1, reps=max(2, args.reps // 2), min_time_s=0.0)
     strategies = [s for s in STRATEGIES if backend == "cpu" or s != "tiled"]
     for d_c in args.sweep_latents:
         for Lq in args.sweep_queries:
@@ -120,8 +144,9 @@ def sweep_rows(args, device, dtype, N, backend):
             ranges = torch.tensor([[0, N]], dtype=torch.int32)
             row = {"d_c": d_c, "Lq": Lq, "N": N}
             with torch.no_grad(), vidstream.use_backend(backend):
-                for s in strategies:
-                    row[f"{s} ms"] = time_ms(lowrank_call(q, c, w_uk, w_uv, ranges, k_r, s), **t)
+                ms = time_all({s: lowrank_call(q, c, w_uk, w_uv, ranges, k_r, s)
+                               for s in strategies}, device, 1, args.reps)
+            row.update({f"{s} ms": ms[s] for s in strategies})
             fl = attention_flops(1, Lq, N, HEADS, d_c, HEAD_DIM - D_R, D_R, HEAD_DIM)
             row["absorb/decompress flops"] = fl["absorb"] / fl["decompress"]
             row["fastest"] = min(strategies, key=lambda s: row[f"{s} ms"])
@@ -169,7 +194,7 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.reps = args.reps or (20 if cuda else 3)
+    args.reps = args.reps or (20 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.quick:
         Lq, N = 1560, 4680

@@ -79,7 +79,7 @@ def lowrank_decompress_triton(c_pool: torch.Tensor, w_uk: torch.Tensor, w_uv: to
     if B * N * H == 0:
         return k, v
     kr = k_r_pool if k_r_pool is not None else c_pool
-    block_n = 64
+    block_n = 32  # two float32 accumulators of BLOCK_N x 128 fit 4 warps' registers
     grid = (triton.cdiv(N, block_n) * H, B)
     wrap_triton(_decompress_kernel)[grid](
         c_pool, kr, w_uk, w_uv, token_idx, k, v,
