@@ -73,9 +73,10 @@ def eager(q, c, w_uk, w_uv, k_r):
 
 
 def time_all(fns: dict, device, warmup: int, reps: int) -> dict:
-    """Milliseconds of each callable. GPU: ``time_ms`` (median of CUDA-event timings). CPU: the
-    calls are interleaved round-robin and the minimum is kept, so load from other processes on a
-    shared machine hits every entry alike and the least disturbed run counts."""
+    """Milliseconds of each callable. GPU: ``time_ms`` (median of CUDA-event timings). CPU:
+    process CPU time (all threads), calls interleaved round-robin, minimum kept: on a shared
+    machine (here 2 cores at a load of ~5) wall-clock times of one call varied 3-8x between
+    runs, CPU time far less, and interleaving lets what load remains hit every entry alike."""
     if torch.device(device).type == "cuda":
         return {k: time_ms(f, device=device, warmup=warmup, reps=reps) for k, f in fns.items()}
     for f in fns.values():
@@ -84,9 +85,9 @@ def time_all(fns: dict, device, warmup: int, reps: int) -> dict:
     best = {k: float("inf") for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             f()
-            best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+            best[k] = min(best[k], (time.process_time() - t0) * 1e3)
     return best
 
 
@@ -210,13 +211,14 @@ def main():
     print_table(sizes, list(sizes[0]), f"cache size (16-bit values), Wan-1.3B, {FULL_CTX}-token context")
     print()
     rows = attention_rows(args, device, dtype, Lq, N, backends)
+    unit = "" if cuda else " (CPU ms: process time of both threads, min of interleaved reps)"
     print_table(rows, ["method", "ms", "x dense", "eager / this"],
                 f"attention, {dtype}, B=1, H={HEADS}, Lq={Lq}, N={N}, d_c={D_C}, d_r={D_R}"
-                + (" (reduced: --quick)" if args.quick else ""))
+                + (" (reduced: --quick)" if args.quick else "") + unit)
     print()
     attn = next(b for b in backends if b in backend._registry["lowrank_cached_attention"])
     sweep = sweep_rows(args, device, dtype, min(N, 4680), attn)
-    print_table(sweep, list(sweep[0]), f"strategy sweep [{attn}], {dtype}")
+    print_table(sweep, list(sweep[0]), f"strategy sweep [{attn}], {dtype}{unit}")
     print()
     recon = [] if args.skip_recon else reconstruction_rows(args)
     if recon:
