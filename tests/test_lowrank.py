@@ -98,6 +98,8 @@ ATTN_SHAPES = [  # (d_c, d_r, d_nope, d_v, H, Lq)
     pytest.param(64, 0, 16, 24, 3, 5, id="dc64-dr0"),
     pytest.param(192, 32, 32, 48, 2, 130, id="dc192-dr32-lq130"),
     pytest.param(512, 64, 16, 8, 2, 1, id="dc512-dr64-lq1"),
+    # d_nope + d_r == d_v: the CPU "tiled" path through ATen's flash attention per chunk.
+    pytest.param(64, 32, 16, 48, 3, 9, id="dc64-dr32-kv-same-width"),
 ]
 # 540 tokens: more than one KV tile of the CPU kernel (512), unordered, an empty range.
 ATTN_RANGES = [[300, 600], [0, 0], [10, 250]]
@@ -120,6 +122,25 @@ def test_attention(backend, device, strategy, d_c, d_r, d_nope, d_v, H, Lq, dtyp
                                                   return_lse=True)
     assert_close_to_oracle(out, o64, o_e, what="out")
     assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
+    assert_close_to_oracle(lse, l64, l_e, what="lse")
+
+
+@pytest.mark.parametrize("backend,device,strategy", _strategies())
+@pytest.mark.parametrize("d_v", (48, 40))
+def test_attention_long_context(backend, device, strategy, d_v):
+    """4,400 tokens: several chunks of every kernel (the CPU's 2,048-token flash chunks merged
+    by log-sum-exp when d_v == d_nope + d_r, its 512-token tiles otherwise)."""
+    require(backend, "lowrank_cached_attention", device, torch.float32)
+    c, w_uk, w_uv, k_r = _inputs(1, 4500, 64, 32, 16, d_v, 2, torch.float32, device)
+    q = torch.randn(1, 3, 2, 48, device=device)
+    ranges = [[2300, 4500], [7, 2207]]
+    out, lse = run(backend, vidstream.lowrank_cached_attention, q, c, w_uk, w_uv, ranges,
+                   k_r_pool=k_r, return_lse=True, strategy=strategy)
+    o64, l64 = reference.lowrank_cached_attention(*_f64(q, c, w_uk, w_uv), ranges,
+                                                  k_r_pool=k_r.double(), return_lse=True)
+    o_e, l_e = reference.lowrank_cached_attention(q, c, w_uk, w_uv, ranges, k_r_pool=k_r,
+                                                  return_lse=True)
+    assert_close_to_oracle(out, o64, o_e, what="out")
     assert_close_to_oracle(lse, l64, l_e, what="lse")
 
 
@@ -262,7 +283,7 @@ def test_triton_schema_and_fake():
                           (c, w_uk, w_uv, idx, k_r), test_utils=utils)
     q_lat, q_r = torch.randn(1, 6, 16), torch.randn(1, 6, 8)
     torch.library.opcheck(torch.ops.vidstream.lowrank_latent_attention_triton.default,
-                          (q_lat, q_r, c, k_r, idx, 0.3), test_utils=utils)
+                          (q_lat, None, q_r, c, k_r, idx, 0.3), test_utils=utils)
 
 
 # ----------------------------------------------------------------------------- LowRankKV
@@ -308,5 +329,10 @@ def test_lowrank_kv_module_shapes():
     with torch.no_grad():
         k, v = m.decompress(c, k_r)
     assert k.shape == (2, 5, 2, 32) and v.shape == (2, 5, 2, 20)
+    k_g, v_g = m.decompress(c, k_r)  # with grad: the differentiable path, same values
+    (k_g.sum() + v_g.sum()).backward()
+    assert m.w_uk.grad is not None and m.down.weight.grad is not None
+    torch.testing.assert_close(k_g.detach(), k)
+    torch.testing.assert_close(v_g.detach(), v)
     wan = LowRankKV(dim=1536, heads=12, head_dim=128, rank=192, rope_dims=32)
     assert wan.cache_values_per_token == 224 and 224 / (2 * 12 * 128) <= 0.073

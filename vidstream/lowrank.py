@@ -129,7 +129,10 @@ def _token_index(host: torch.Tensor, device) -> torch.Tensor:
 def _absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
     """Strategy "absorb" composed from two small products and cached_attention with one kv head
     (head dim d_c + d_r, values d_c). The products run in float32 (float64 for float64) and round
-    once to q's dtype. Used where no fused latent kernel serves the backend."""
+    once to q's dtype: in 16 bits that rounding of q_lat shifts all scores of a query alike, so
+    the log-sum-exp errs up to ~2.5x eager PyTorch (the Triton kernel attends a hi + lo split
+    instead). The spelling of strategy (b) with the public cached_attention; no backend routes
+    16-bit inputs here."""
     d_nope = w_uk.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].to(cdt), w_uk.to(cdt)).to(q.dtype)
@@ -155,10 +158,13 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
         out = q.new_zeros(B, Lq, H, w_uv.shape[2])
         lse = torch.full((B, H, Lq), float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
-    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float()).to(q.dtype)
+    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float())
+    q_lat = q_lat.reshape(B, Lq * H, -1)
+    hi = q_lat.to(q.dtype)
+    lo = (q_lat - hi.float()).to(q.dtype) if q.dtype != torch.float32 else None
     q_r = q[..., d_nope:].reshape(B, Lq * H, -1) if k_r_pool is not None else None
-    o_lat, lse = kernels.lowrank_latent_attention_triton(
-        q_lat.reshape(B, Lq * H, -1), q_r, c_pool, k_r_pool, idx, float(scale))
+    o_lat, lse = kernels.lowrank_latent_attention_triton(hi, lo, q_r, c_pool, k_r_pool, idx,
+                                                         float(scale))
     out = torch.einsum("bqhc,hcv->bqhv", o_lat.view(B, Lq, H, -1), w_uv.float()).to(q.dtype)
     return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 

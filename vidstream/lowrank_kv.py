@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import reference
 from .lowrank import lowrank_decompress
 
 
@@ -66,9 +67,14 @@ class LowRankKV(nn.Module):
         return c, (y[..., self.rank:] if self.rope_dims else None)
 
     def decompress(self, c: torch.Tensor, k_r: torch.Tensor | None = None):
-        """Full K [B, L, H, D] and V [B, L, H, Dv] of latents c [B, L, rank] (k_r [B, L, d_r])."""
+        """Full K [B, L, H, D] and V [B, L, H, Dv] of latents c [B, L, rank] (k_r [B, L, d_r]).
+        The kernels have no backward: where a gradient is needed the differentiable reference
+        runs instead."""
         ranges = torch.tensor([[0, c.shape[1]]], dtype=torch.int32)
-        return lowrank_decompress(c, self.w_uk.to(c.dtype), self.w_uv.to(c.dtype), ranges, k_r)
+        args = (c, self.w_uk.to(c.dtype), self.w_uv.to(c.dtype), ranges, k_r)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            return reference.lowrank_decompress(*args)
+        return lowrank_decompress(*args)
 
     @classmethod
     def from_dense(cls, w_k: torch.Tensor, w_v: torch.Tensor, rank: int, rope_dims: int = 0, *,

@@ -8,7 +8,8 @@
 // lowrank_cached_attention: a flash-style attention whose KV tiles come from the latent cache.
 //   absorb = false ("tiled"): each KV tile of 512 tokens is decompressed once, for all heads,
 //     into a tile-sized buffer that every query block then visits; no K/V of the whole context
-//     ever exists.
+//     ever exists. Where K and V heads have one width, chunks of 2,048 tokens go through ATen's
+//     CPU flash attention instead and merge by log-sum-exp (same memory bound, faster inner loop).
 //   absorb = true: w_uk is folded into the queries (q_lat = q_nope @ w_uk^T) and the attention
 //     runs in the latent space against keys concat(c, k_r) and values c shared by all heads
 //     (one kv head, so one GEMM serves all H * Lq query rows); w_uv is applied to the output.
@@ -31,6 +32,7 @@ namespace {
 constexpr int64_t kDecompressTile = 64;
 constexpr int64_t kKvTile = 512;
 constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kFlashChunk = 2048;
 
 // Rows idx[n0 : n0 + nt] of pool[b] ([P, width], any strides) as float32 into dst [nt, width].
 template <typename T>
@@ -165,6 +167,50 @@ void attention_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>&
   }
 }
 
+// "tiled" when K and V heads have one width (Wan: 128 and 128): each decompressed chunk goes
+// through ATen's CPU flash attention (blocked and vectorised, faster than attend_tile's ATen
+// calls per block), and the chunks' outputs merge by their log-sum-exp. Only one chunk of K/V
+// ever exists. qh [B, H, Lq, D] float32 (unscaled); acc [B, H, Lq, D], lse [B, H, Lq] float32.
+template <typename T>
+void tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
+                        const at::Tensor& w_cat, const std::vector<int32_t>& idx,
+                        const at::Tensor& qh, double scale, const LowRankDims& d, at::Tensor& acc,
+                        at::Tensor& lse) {
+  const int64_t N = static_cast<int64_t>(idx.size());
+  const int64_t per_head = d.d_nope + d.d_v, dk = d.d_nope + d.d_r;
+  at::Tensor ct = at::empty({kFlashChunk, d.d_c}, at::kFloat);
+  at::Tensor rt = at::empty({kFlashChunk, std::max<int64_t>(d.d_r, 1)}, at::kFloat);
+  at::Tensor k_heads = at::empty({d.heads, kFlashChunk, dk}, at::kFloat);
+  for (int64_t b = 0; b < d.batch; ++b) {
+    for (int64_t n0 = 0; n0 < N; n0 += kFlashChunk) {
+      const int64_t nt = std::min(kFlashChunk, N - n0);
+      gather_rows<T>(c_pool, b, idx.data() + n0, nt, ct.data_ptr<float>());
+      if (d.d_r) gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
+      const at::Tensor kv = at::mm(ct.narrow(0, 0, nt), w_cat).view({nt, d.heads, per_head});
+      at::Tensor k_t = k_heads.narrow(1, 0, nt);
+      k_t.narrow(2, 0, d.d_nope).copy_(kv.narrow(2, 0, d.d_nope).transpose(0, 1));
+      if (d.d_r)
+        k_t.narrow(2, d.d_nope, d.d_r)
+            .copy_(rt.narrow(0, 0, nt).narrow(1, 0, d.d_r).unsqueeze(0).expand({d.heads, nt, d.d_r}));
+      const at::Tensor v_t = kv.narrow(2, d.d_nope, d.d_v).transpose(0, 1);
+      const auto res = at::_scaled_dot_product_flash_attention_for_cpu(
+          qh[b].unsqueeze(0), k_t.unsqueeze(0), v_t.unsqueeze(0), 0.0, false, std::nullopt, scale);
+      const at::Tensor o_c = std::get<0>(res)[0], l_c = std::get<1>(res)[0];
+      at::Tensor acc_b = acc[b], lse_b = lse[b];
+      if (n0 == 0) {
+        acc_b.copy_(o_c);
+        lse_b.copy_(l_c);
+        continue;
+      }
+      const at::Tensor mx = at::maximum(lse_b, l_c);
+      const at::Tensor wa = (lse_b - mx).exp_(), wc = (l_c - mx).exp_();
+      const at::Tensor total = wa + wc;
+      acc_b.mul_((wa / total).unsqueeze(-1)).add_(o_c * (wc / total).unsqueeze(-1));
+      lse_b.copy_(mx.add_(total.log()));
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     const at::Tensor& q, const at::Tensor& c_pool, const at::Tensor& w_uk, const at::Tensor& w_uv,
     const at::Tensor& kv_ranges, const std::optional<at::Tensor>& k_r_pool, double scale,
@@ -180,6 +226,18 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
   if (idx.empty() || out.numel() == 0) {
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor w_cat = absorb ? at::Tensor() : stacked_up_projection(w_uk, w_uv);
+  if (!absorb && d.d_nope + d.d_r == d.d_v) {
+    const at::Tensor qh = q.to(at::kFloat).permute({0, 2, 1, 3});
+    at::Tensor acc = at::empty({B, H, Lq, d.d_v}, at::kFloat);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
+                                    "lowrank_cached_attention_cpu", [&] {
+                                      tiled_flash_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qh,
+                                                                   scale, d, acc, lse);
+                                    });
+    out.copy_(acc.permute({0, 2, 1, 3}));
     return {out, lse};
   }
   // Scaled float32 queries, head-major: [B, H, Lq, d_nope + d_r].
@@ -199,7 +257,6 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
   at::Tensor m = at::full({B, G, R}, -std::numeric_limits<float>::infinity(), at::kFloat);
   at::Tensor l = at::zeros({B, G, R}, at::kFloat);
   at::Tensor acc = at::zeros({B, G, R, dv}, at::kFloat);
-  const at::Tensor w_cat = absorb ? at::Tensor() : stacked_up_projection(w_uk, w_uv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
                                   "lowrank_cached_attention_cpu", [&] {
                                     attention_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qg,
