@@ -74,9 +74,10 @@ def eager(q, c, w_uk, w_uv, k_r):
 
 def time_all(fns: dict, device, warmup: int, reps: int) -> dict:
     """Milliseconds of each callable. GPU: ``time_ms`` (median of CUDA-event timings). CPU:
-    process CPU time (all threads), calls interleaved round-robin, minimum kept: on a shared
-    machine (here 2 cores at a load of ~5) wall-clock times of one call varied 3-8x between
-    runs, CPU time far less, and interleaving lets what load remains hit every entry alike."""
+    process CPU time (one thread by default, see --threads), calls interleaved round-robin,
+    minimum kept: on a shared machine (here 2 cores at a load of ~5) wall-clock times of one call
+    varied 3-8x between runs, CPU time far less, and interleaving lets what load remains hit
+    every entry alike."""
     if torch.device(device).type == "cuda":
         return {k: time_ms(f, device=device, warmup=warmup, reps=reps) for k, f in fns.items()}
     for f in fns.values():
@@ -191,9 +192,14 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--skip-recon", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default 1 on a CPU: with one thread the process time is the "
+                        "work done, free of OpenMP spin-waits and of other processes' load)")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if not cuda or args.threads:
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     args.reps = args.reps or (20 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
@@ -211,7 +217,8 @@ def main():
     print_table(sizes, list(sizes[0]), f"cache size (16-bit values), Wan-1.3B, {FULL_CTX}-token context")
     print()
     rows = attention_rows(args, device, dtype, Lq, N, backends)
-    unit = "" if cuda else " (CPU ms: process time of both threads, min of interleaved reps)"
+    unit = "" if cuda else (f" (CPU ms: process time, {torch.get_num_threads()} thread(s), "
+                            "min of interleaved reps)")
     print_table(rows, ["method", "ms", "x dense", "eager / this"],
                 f"attention, {dtype}, B=1, H={HEADS}, Lq={Lq}, N={N}, d_c={D_C}, d_r={D_R}"
                 + (" (reduced: --quick)" if args.quick else "") + unit)
