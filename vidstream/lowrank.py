@@ -13,6 +13,12 @@
 
 With ``strategy=None`` the backend picks by ``choose_strategy`` (a cost model checked against
 the measurements of ``bench/bench_lowrank.py``).
+
+Backends: ``cpu`` runs "tiled" and "absorb" as one fused C++ kernel and "decompress" as its C++
+decompression + ``cached_attention``; ``triton`` runs "absorb" as a fused Triton latent-attention
+kernel and "decompress" as its Triton decompression + ``cached_attention``; ``cuda`` has
+``lowrank_decompress`` only (no C++ CUDA attention op: on CUDA tensors the attention runs on the
+``triton`` backend). The GPU kernels are not yet validated on a GPU (opt-in).
 """
 
 from __future__ import annotations
@@ -80,8 +86,9 @@ def choose_strategy(backend_name: str, batch: int, queries: int, tokens: int, he
     """The strategy a backend runs when none is asked for. Absorbing wins for few queries
     (decode-like) or a latent narrower than the heads (``2 d_c + d_r < d_nope + d_r + d_v``); a
     video chunk of thousands of queries against a 192-wide latent decompresses. On the CPU the
-    decompression runs per KV tile inside the fused kernel ("tiled"), which measured faster than
-    a transient K/V for the whole context; on a GPU, per-tile decompression would be repeated by
+    decompression runs per KV chunk inside the fused kernel ("tiled"), which measured 2.7x
+    faster than "decompress" (a whole-context K/V, then today's reference cached_attention) and
+    level with eager einsum + SDPA; on a GPU, per-tile decompression would be repeated by
     every query block (``d_c (d_nope + d_v) / (block_q (d_nope + d_r + d_v))``, 1.3x the attention
     itself at Wan shapes and 128-query blocks), so the GPU backends decompress once per call."""
     f = attention_flops(batch, queries, tokens, heads, d_c, d_nope, d_r, d_v)
