@@ -175,6 +175,26 @@ def test_absorbed_through_cached_attention(d_r):
 
 
 @pytest.mark.parametrize("backend,device,strategy", _strategies())
+def test_packed_latent_and_rope(backend, device, strategy):
+    """c and k_r as views of one [B, P, d_c + d_r] buffer (one cache row per token), weights
+    transposed views: strided inputs are read as they are."""
+    require(backend, "lowrank_cached_attention", device, torch.float32)
+    packed = torch.randn(2, 70, 64 + 32, device=device)
+    c, k_r = packed[..., :64], packed[..., 64:]
+    w_uk = torch.randn(3, 16, 64, device=device).transpose(1, 2) * 0.125
+    w_uv = torch.randn(3, 48, 64, device=device).transpose(1, 2) * 0.125
+    q = torch.randn(2, 4, 3, 48, device=device)
+    ranges = [[40, 70], [1, 9]]
+    k, v = run(backend, vidstream.lowrank_decompress, c, w_uk, w_uv, ranges, k_r)
+    k64, v64 = reference.lowrank_decompress(*_f64(c, w_uk, w_uv), ranges, k_r.double())
+    assert max_err(k, k64) < 1e-5 and max_err(v, v64) < 1e-5
+    out = run(backend, vidstream.lowrank_cached_attention, q, c, w_uk, w_uv, ranges, k_r_pool=k_r,
+              strategy=strategy)
+    o64 = reference.lowrank_cached_attention(*_f64(q, c, w_uk, w_uv), ranges, k_r_pool=k_r.double())
+    assert max_err(out, o64) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device,strategy", _strategies())
 def test_attention_empty_union(backend, device, strategy):
     require(backend, "lowrank_cached_attention", device, torch.float32)
     c, w_uk, w_uv, k_r = _inputs(2, 20, 64, 32, 16, 24, 2, torch.float32, device)
@@ -270,6 +290,9 @@ def test_opcheck_cpp_ops():
     for absorb in (False, True):
         torch.library.opcheck(ops.lowrank_cached_attention.default,
                               (q, c, w_uk, w_uv, r, k_r, 0.25, absorb))
+    w_uv14 = torch.randn(3, 16, 14)  # d_v == d_nope + d_r: the chunked flash path
+    torch.library.opcheck(ops.lowrank_cached_attention.default,
+                          (q, c, w_uk, w_uv14, r, k_r, 0.25, False))
 
 
 def test_triton_schema_and_fake():
