@@ -25,7 +25,18 @@ TORCH_LIBRARY(vidstream, m) {
       "cached_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor kv_ranges, float scale) "
       "-> (Tensor out, Tensor lse)");
 
-  // SPEC §4: low-rank latent KV (schemas added by the low-rank work).
+  // SPEC §4: low-rank latent KV. num_tokens (the token count of kv_ranges, known to the caller
+  // after validation) makes K/V's shape computable without reading the ranges.
+  m.def(
+      "lowrank_decompress(Tensor c_pool, Tensor w_uk, Tensor w_uv, Tensor kv_ranges, "
+      "int num_tokens, Tensor? k_r_pool=None) -> (Tensor, Tensor)");
+  // Fused attention over the latent cache; returns (out, lse). absorb=False decompresses one KV
+  // tile at a time inside the kernel, absorb=True attends in the latent space (w_uk folded into
+  // the queries, w_uv applied to the output).
+  m.def(
+      "lowrank_cached_attention(Tensor q, Tensor c_pool, Tensor w_uk, Tensor w_uv, "
+      "Tensor kv_ranges, Tensor? k_r_pool=None, float scale=1., bool absorb=False) "
+      "-> (Tensor, Tensor)");
 
   // SPEC §5: top-k mid-block selection. Returns (scores float32 [M], indices int64
   // [min(k, M)] ascending); heads are query heads, block_key_sums [B, M, H_kv, D] replaces

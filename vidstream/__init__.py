@@ -10,6 +10,7 @@ from .backend import backend_for, backends, use_backend
 from .cache import AvgPoolCompressor, CacheConfig, NaiveKVCache, StreamingKVCache
 from .kv_store import rope3d_store_
 from .lowrank import lowrank_cached_attention, lowrank_decompress
+from .lowrank_kv import LowRankKV
 from .model import DiTConfig, FullSequenceAttention, StreamingDiT
 from .pipeline import StreamingGenerator
 from .rope import rope3d, rope3d_shift_
@@ -28,6 +29,7 @@ __all__ = [
     "StreamingDiT",
     "StreamingGenerator",
     "StreamingKVCache",
+    "LowRankKV",
     "backend_for",
     "backends",
     "cached_attention",
