@@ -98,6 +98,13 @@ def resolve(op: str, x: torch.Tensor) -> Callable:
                 f"backend {chosen!r} cannot run vidstream.{op} on {x.dtype} {x.device.type} tensors: "
                 f"{why}. Available for these inputs: {avail}")
         return impls[chosen].fn
+    return resolve_default(op, x)
+
+
+def resolve_default(op: str, x: torch.Tensor) -> Callable:
+    """The implementation the defaults pick for ``op`` on inputs like ``x``, whatever backend is
+    in force: for an op that composes another one the backend in force may not have."""
+    impls = _registry[op]
     if x.device.type == "cuda":
         for name in _GPU_PREFERENCE:
             impl = impls.get(name)

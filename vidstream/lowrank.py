@@ -107,14 +107,7 @@ def _resolve_fallback(op: str, x: torch.Tensor):
     try:
         return backend.resolve(op, x)
     except ValueError:
-        forced, env = list(backend._forced), backend._env_backend
-        backend._forced.clear()
-        backend._env_backend = None
-        try:
-            return backend.resolve(op, x)
-        finally:
-            backend._forced[:] = forced
-            backend._env_backend = env
+        return backend.resolve_default(op, x)
 
 
 def _whole(n: int) -> torch.Tensor:
