@@ -7,3 +7,11 @@
 #else
 #define VIDSTREAM_MULTIVERSION
 #endif
+
+// Helpers called from a VIDSTREAM_MULTIVERSION function must be inlined into it: compiled out
+// of line they keep the baseline target and the clone gains nothing.
+#if defined(__GNUC__) || defined(__clang__)
+#define VIDSTREAM_INLINE inline __attribute__((always_inline))
+#else
+#define VIDSTREAM_INLINE inline
+#endif
