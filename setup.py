@@ -64,7 +64,8 @@ def _extensions():
                 extra_link_args=["-fopenmp"],
             )
         ]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # sm_80 and sm_90a machine code, plus sm_80 PTX the driver can compile for newer GPUs.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;8.0+PTX")
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]

@@ -4,7 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
+
+#include "ranges_common.h"
 
 #include <algorithm>
 #include <utility>
@@ -31,6 +34,10 @@ inline void check_pool_like(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.stride(3) == 1, name, " must be contiguous in the head dim (stride(3) == 1)");
 }
 
+// A pool written in place must not have elements that share memory (an expanded view, say):
+// parallel writers would race on them.
+inline void check_writable(const at::Tensor& t) { at::assert_no_internal_overlap(t); }
+
 inline void check_t_theta(const std::optional<at::Tensor>& t_theta, const at::Tensor& x) {
   if (!t_theta) return;
   TORCH_CHECK(t_theta->dim() == 1 && t_theta->size(0) == x.size(2),
@@ -55,15 +62,7 @@ inline std::vector<std::pair<int32_t, int32_t>> checked_ranges(const at::Tensor&
                 ") must satisfy 0 <= start <= end <= ", pool_len);
     out.emplace_back(s, e);
   }
-  std::vector<std::pair<int32_t, int32_t>> sorted = out;
-  std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    const auto& a = sorted[i - 1];
-    const auto& b = sorted[i];
-    TORCH_CHECK(a.first == a.second || b.first == b.second || a.second <= b.first,
-                "ranges must not overlap: [", a.first, ", ", a.second, ") and [", b.first, ", ",
-                b.second, ")");
-  }
+  check_disjoint(out, "ranges");
   return out;
 }
 

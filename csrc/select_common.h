@@ -2,6 +2,7 @@
 // with the SPEC §5 tie rule (equal scores go to the smaller block index).
 #pragma once
 
+#include "ranges_common.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -78,15 +79,7 @@ inline SelectProblem check_select_inputs(const at::Tensor& q, const at::Tensor& 
                 ") must satisfy 0 <= start <= end <= ", p.pool_len);
     p.ranges.emplace_back(s, e);
   }
-  std::vector<std::pair<int32_t, int32_t>> sorted = p.ranges;
-  std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    const auto& a = sorted[i - 1];
-    const auto& b = sorted[i];
-    TORCH_CHECK(a.first == a.second || b.first == b.second || a.second <= b.first,
-                "block_ranges must not overlap: [", a.first, ", ", a.second, ") and [", b.first,
-                ", ", b.second, ")");
-  }
+  check_disjoint(p.ranges, "block_ranges");
   if (key_sums) {
     const at::Tensor& s = *key_sums;
     TORCH_CHECK(s.dim() == 4 && s.size(0) == p.batch && s.size(1) == p.blocks &&

@@ -245,3 +245,28 @@ def test_select_blocks_ties_go_to_smaller_index():
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_non_finite_scale_is_refused(scale):
+    q = torch.randn(1, 2, 2, 4)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        reference.cached_attention(q, torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4), [[0, 3]],
+                                   scale=scale)
+
+
+def test_empty_union_lse_is_float32_whatever_the_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _, lse = reference.cached_attention(torch.randn(1, 2, 2, 4), torch.randn(1, 5, 2, 4),
+                                            torch.randn(1, 5, 2, 4), [], return_lse=True)
+    finally:
+        torch.set_default_dtype(old)
+    assert lse.dtype == torch.float32 and torch.isneginf(lse).all()
+
+
+def test_select_blocks_heads_must_be_ints():
+    with pytest.raises(ValueError, match="heads must be a list of ints"):
+        reference.select_blocks(torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8), [[0, 3]], 1,
+                                heads=[1.9])

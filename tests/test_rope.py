@@ -209,3 +209,43 @@ def test_triton_kernels_compile_for_gpu(arch, tmp_path):
         specs.append(("_rope3d_shift_kernel", {**ptrs, **tables, "ranges_ptr": "*i32"},
                       dict(C_T=22, T_HEADS=t_heads, BLOCK_T=16, BLOCK_C=32)))
     assert_compiles("vidstream.triton_kernels.rope3d", arch, specs, tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(theta=0.0), "theta must be a finite number > 0"),
+    (dict(theta=float("nan")), "theta must be a finite number > 0"),
+    (dict(frame_offset=float("inf")), "frame_offset must be a finite number"),
+    (dict(t_theta=torch.tensor([1e4, -1.0], dtype=torch.float64)), "t_theta must be finite and > 0"),
+])
+def test_rope_parameters_that_would_give_nan_are_refused(backend, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(backend, vidstream.rope3d, torch.randn(1, 6, 2, 64), grid=(3, 1, 2), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("ranges,match", [
+    # An empty range sorted between two overlapping ones must not hide the overlap.
+    ([[0, 10], [5, 5], [6, 8]], "must not overlap: \\[0, 10\\) and \\[6, 8\\)"),
+    # Checked before any cast to int32, where 2**32 + 3 would wrap to 3.
+    (torch.tensor([[2**32, 2**32 + 3]], dtype=torch.int64), "0 <= start <= end <= 10"),
+    ([[0.5, 2.7]], "entries must be ints"),
+])
+def test_rope3d_shift_range_edge_cases(backend, ranges, match):
+    pool = torch.randn(1, 10, 2, 64)
+    before = pool.clone()
+    with pytest.raises(ValueError, match=match):
+        run(backend, vidstream.rope3d_shift_, pool, ranges, [1.0] * len(ranges))
+    assert torch.equal(pool, before)
+
+
+def test_cpp_op_refuses_hidden_overlap_and_aliased_pools():
+    pytest.importorskip("vidstream._C")
+    pool = torch.randn(1, 10, 2, 64)
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        torch.ops.vidstream.rope3d_shift_(pool, torch.tensor([[0, 10], [5, 5], [6, 8]], dtype=torch.int32),
+                                          torch.ones(3, dtype=torch.float64))
+    expanded = torch.randn(1, 1, 2, 64).expand(1, 10, 2, 64)
+    with pytest.raises(RuntimeError, match="refers to a single memory location"):
+        torch.ops.vidstream.rope3d_shift_(expanded, torch.tensor([[0, 4]], dtype=torch.int32),
+                                          torch.ones(1, dtype=torch.float64))

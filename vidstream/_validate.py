@@ -3,6 +3,7 @@ expected. The public ops and the reference call these once; kernels then trust t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,6 +49,8 @@ def scale_value(scale, head_dim: int) -> float:
         return head_dim**-0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         _fail(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        _fail(f"scale must be finite, got {scale}")
     return float(scale)
 
 
@@ -57,16 +60,23 @@ def ranges(r, pool_len: int, name: str = "ranges") -> torch.Tensor:
     if isinstance(r, torch.Tensor):
         if r.dtype not in (torch.int32, torch.int64):
             _fail(f"{name} must be an int32 tensor of shape [R, 2], got dtype {r.dtype}")
-        host = r.detach().to("cpu", torch.int32)
+        # Checked in int64: an int64 value cast to int32 first could wrap into bounds.
+        host = r.detach().to("cpu", torch.int64)
     elif isinstance(r, Sequence):
-        host = torch.tensor([list(p) for p in r], dtype=torch.int32).reshape(-1, 2) if len(r) else (
-            torch.zeros(0, 2, dtype=torch.int32))
+        rows = [list(p) if isinstance(p, Sequence) else p for p in r]
+        if any(not isinstance(p, list) or len(p) != 2 for p in rows):
+            _fail(f"{name} must be a list of (start, end) pairs, got {r!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for p in rows for v in p):
+            _fail(f"{name} entries must be ints, got {r!r}")
+        host = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
     else:
         _fail(f"{name} must be an int32 tensor [R, 2] or a list of (start, end), got {type(r).__name__}")
     if host.dim() != 2 or host.shape[1] != 2:
         _fail(f"{name} must have shape [R, 2], got {tuple(host.shape)}")
     if torch.compiler.is_compiling():
-        return host
+        # Under tracing the values are not known here; the C++ ops check them again when they
+        # run, the Triton kernels do not (documented in CONTRIBUTING.md).
+        return host.to(torch.int32)
     starts, ends = host[:, 0], host[:, 1]
     bad = (starts < 0) | (ends > pool_len) | (starts > ends)
     if bool(bad.any()):
@@ -82,7 +92,7 @@ def ranges(r, pool_len: int, name: str = "ranges") -> torch.Tensor:
             i = int(clash.nonzero()[0, 0])
             a, b = srt[i].tolist(), srt[i + 1].tolist()
             _fail(f"{name} must not overlap: [{a[0]}, {a[1]}) and [{b[0]}, {b[1]})")
-    return host
+    return host.to(torch.int32)
 
 
 def grid3(grid, tokens: int):
@@ -102,6 +112,18 @@ def t_theta(tt, heads: int):
         _fail(f"t_theta must be a float tensor of shape [H] = [{heads}], got {shape}")
     if not tt.is_floating_point():
         _fail(f"t_theta must be floating point, got {tt.dtype}")
+    if not torch.compiler.is_compiling() and not bool(((tt > 0) & torch.isfinite(tt)).all()):
+        _fail(f"t_theta must be finite and > 0, got {tt.tolist()}")
+
+
+def rope_params(theta, frame_offset=0.0):
+    """theta > 0 and finite; frame_offset finite: either would otherwise give NaN keys."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+            math.isfinite(theta) and theta > 0):
+        _fail(f"theta must be a finite number > 0, got {theta!r}")
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, (int, float)) or not (
+            math.isfinite(frame_offset)):
+        _fail(f"frame_offset must be a finite number, got {frame_offset!r}")
 
 
 def rope_input(x, name: str):
@@ -111,13 +133,14 @@ def rope_input(x, name: str):
         _fail(f"{name} head dim D must be even and >= 2, got {x.shape[-1]}")
 
 
-def rope3d(x, grid, tt):
+def rope3d(x, grid, tt, theta=10000.0, frame_offset=0.0):
     rope_input(x, "x")
     grid3(grid, x.shape[1])
     t_theta(tt, x.shape[2])
+    rope_params(theta, frame_offset)
 
 
-def rope3d_shift(k_pool, rng, delta_frames, tt) -> tuple[torch.Tensor, torch.Tensor]:
+def rope3d_shift(k_pool, rng, delta_frames, tt, theta=10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (ranges, delta_frames) as CPU tensors (int32 [R, 2], float64 [R])."""
     rope_input(k_pool, "k_pool")
     host = ranges(rng, k_pool.shape[1])
@@ -129,10 +152,15 @@ def rope3d_shift(k_pool, rng, delta_frames, tt) -> tuple[torch.Tensor, torch.Ten
         delta = torch.full((host.shape[0],), float(delta_frames), dtype=torch.float64)
     else:
         delta = torch.tensor(list(delta_frames), dtype=torch.float64)
+        if delta.dim() != 1:
+            _fail(f"delta_frames must be 1-D [R], got shape {tuple(delta.shape)}")
     if delta.shape[0] != host.shape[0]:
         _fail(f"delta_frames must have one entry per range ([R] = [{host.shape[0]}]), "
               f"got {delta.shape[0]}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(delta).all()):
+        _fail(f"delta_frames must be finite, got {delta.tolist()}")
     t_theta(tt, k_pool.shape[2])
+    rope_params(theta)
     return host, delta
 
 
@@ -145,6 +173,8 @@ def attention_qkv(q, k, v, k_name="k", v_name="v"):
     same("q", q, v_name, v)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         _fail(f"batch sizes differ: q {q.shape[0]}, {k_name} {k.shape[0]}, {v_name} {v.shape[0]}")
+    if q.shape[3] < 1:
+        _fail(f"q head dim must be >= 1, got {q.shape[3]}")
     if k.shape[3] != q.shape[3]:
         _fail(f"{k_name} head dim must equal q's ({q.shape[3]}), got {k.shape[3]}")
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
@@ -225,7 +255,9 @@ def select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
     if heads is None:
         heads = list(range(max(1, H // 2)))
     else:
-        heads = [int(h) for h in heads]
+        heads = list(heads)
+        if any(isinstance(h, bool) or not isinstance(h, int) for h in heads):
+            _fail(f"heads must be a list of ints, got {heads}")
         if not heads or any(h < 0 or h >= H for h in heads) or len(set(heads)) != len(heads):
             _fail(f"heads must be distinct query head indices in [0, {H}), got {heads}")
     if q.shape[1] == 0:
@@ -253,7 +285,7 @@ def key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, device) -
     return s
 
 
-def rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt):
+def rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt, theta=10000.0):
     """SPEC §6 cache write. Returns (frame_slots int32 [F], frame_pos float64 [F]) on the CPU."""
     rope_input(k_pool, "k_pool")
     rope_input(k, "k")
@@ -293,5 +325,8 @@ def rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt):
     srt = torch.sort(slots.long()).values
     if srt.shape[0] > 1 and bool((srt[1:] - srt[:-1] < hw).any()):
         _fail(f"frame_slots must not overlap: two slots are closer than h*w = {hw}: {slots.tolist()}")
+    if not bool(torch.isfinite(pos).all()):
+        _fail(f"frame_pos must be finite, got {pos.tolist()}")
     t_theta(tt, k.shape[2])
+    rope_params(theta)
     return slots, pos

@@ -18,7 +18,8 @@ def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v
     [B, P, H_kv, D] and ``v_pool`` [B, P, H_kv, Dv]. Slots must lie in the pool and not overlap.
     Equals ``rope3d(k, grid=grid, frame_offset=a)`` written frame by frame when
     ``frame_pos = a + arange(F)``. Returns ``(k_pool, v_pool)``."""
-    slots, pos = _validate.rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta)
+    slots, pos = _validate.rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta,
+                                     theta)
     backend.resolve("rope3d_store_", k_pool)(k_pool, v_pool, k, v, slots, pos, tuple(grid),
                                              theta, t_theta)
     return k_pool, v_pool

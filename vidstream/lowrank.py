@@ -155,7 +155,7 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
     idx = _token_index(host, c_pool.device)
     if idx.numel() == 0:
         out = q.new_zeros(B, Lq, H, w_uv.shape[2])
-        lse = torch.full((B, H, Lq), float("-inf"), device=q.device)
+        lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
     q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float())
     q_lat = q_lat.reshape(B, Lq * H, -1)

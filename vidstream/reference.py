@@ -95,7 +95,7 @@ def _cached_attention(q, k_pool, v_pool, kv_ranges, scale, return_lse):
     if k.shape[1] == 0:
         B, Lq, H, _ = q.shape
         out = q.new_zeros(B, Lq, H, v_pool.shape[3])
-        lse = torch.full((B, H, Lq), float("-inf"), device=q.device)
+        lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
     return _masked_attention(q, k, v, None, scale, return_lse)
 
@@ -141,7 +141,7 @@ def _rope3d(x, grid, frame_offset, theta, t_theta):
 
 def rope3d(x, *, grid, frame_offset=0, theta=10000.0, t_theta=None):
     """SPEC §3: Wan2.1 3D RoPE of x [B, L, H, D] on a (F, h, w) token grid."""
-    _validate.rope3d(x, grid, t_theta)
+    _validate.rope3d(x, grid, t_theta, theta, frame_offset)
     return _rope3d(x, tuple(grid), frame_offset, theta, t_theta)
 
 
@@ -158,7 +158,7 @@ def _rope3d_shift_(k_pool, ranges, delta_frames, theta, t_theta):
 def rope3d_shift_(k_pool, ranges, delta_frames, *, theta=10000.0, t_theta=None):
     """SPEC §3: in place, re-rotate the temporal band of every token of range r by
     ``delta_frames[r]`` frames."""
-    host, delta = _validate.rope3d_shift(k_pool, ranges, delta_frames, t_theta)
+    host, delta = _validate.rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
     return _rope3d_shift_(k_pool, host, delta, theta, t_theta)
 
 
@@ -272,5 +272,6 @@ def _rope3d_store_(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, theta, t_
 def rope3d_store_(k_pool, v_pool, k, v, frame_slots, frame_pos, *, grid, theta=10000.0, t_theta=None):
     """SPEC §6: rotate ``k`` by the 3D RoPE with frame ``f`` at temporal position
     ``frame_pos[f]`` and write it and ``v`` into the pools at tokens ``frame_slots[f] + j``."""
-    slots, pos = _validate.rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta)
+    slots, pos = _validate.rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta,
+                                     theta)
     return _rope3d_store_(k_pool, v_pool, k, v, slots, pos, tuple(grid), theta, t_theta)

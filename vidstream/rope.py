@@ -13,7 +13,7 @@ def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
     """Wan2.1 3D rotary embedding of ``x`` [B, L, H, D] whose tokens lie on the frame-major
     ``grid`` = (F, h, w); token frames are ``frame_offset + t``. ``t_theta`` [H] gives each head
     its own temporal theta. Returns a new tensor."""
-    _validate.rope3d(x, grid, t_theta)
+    _validate.rope3d(x, grid, t_theta, theta, frame_offset)
     return backend.resolve("rope3d", x)(x, tuple(grid), frame_offset, theta, t_theta)
 
 
@@ -22,7 +22,7 @@ def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 
     """In place: multiply the temporal pairs of every token of ``ranges[r]`` by
     ``exp(i * delta_frames[r] * omega_t)``, moving those keys by ``delta_frames[r]`` frames.
     Height/width channels and tokens outside the ranges are left untouched. Returns ``k_pool``."""
-    host_ranges, delta = _validate.rope3d_shift(k_pool, ranges, delta_frames, t_theta)
+    host_ranges, delta = _validate.rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
     backend.resolve("rope3d_shift_", k_pool)(k_pool, host_ranges, delta, theta, t_theta)
     return k_pool
 

@@ -199,6 +199,7 @@ void rope3d_shift_cpu(at::Tensor& k_pool, const at::Tensor& ranges, const at::Te
                       double theta, const std::optional<at::Tensor>& t_theta) {
   check_pool_like(k_pool, "k_pool");
   TORCH_CHECK(k_pool.device().is_cpu(), "k_pool must be a CPU tensor for the CPU kernel");
+  check_writable(k_pool);
   check_t_theta(t_theta, k_pool);
   const auto host_ranges = checked_ranges(ranges, k_pool.size(1));
   const at::Tensor table = shift_table(delta_frames, static_cast<int64_t>(host_ranges.size()),

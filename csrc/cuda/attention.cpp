@@ -17,7 +17,10 @@ bool vector_aligned(const at::Tensor& t) {
          t.stride(2) % 8 == 0;
 }
 
-at::Tensor aligned(const at::Tensor& t) { return vector_aligned(t) ? t : t.contiguous(); }
+// A fresh copy: contiguous() would hand back a contiguous tensor whose pointer is misaligned.
+at::Tensor aligned(const at::Tensor& t) {
+  return vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 void check_cuda_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");

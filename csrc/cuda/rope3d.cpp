@@ -41,7 +41,8 @@ at::Tensor rope3d_cuda(const at::Tensor& x_in, int64_t frames, int64_t height, i
               ") must have F*h*w == L = ", x_in.size(1));
   check_t_theta(t_theta, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = pair_aligned(x_in) ? x_in : x_in.contiguous();
+  // clone, not contiguous(): a contiguous tensor may still start misaligned.
+  const at::Tensor x = pair_aligned(x_in) ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
   const Rope3dTables tab =
@@ -79,6 +80,7 @@ void rope3d_shift_cuda(at::Tensor& k_pool, const at::Tensor& ranges, const at::T
                        double theta, const std::optional<at::Tensor>& t_theta) {
   check_pool_like(k_pool, "k_pool");
   TORCH_CHECK(k_pool.is_cuda(), "k_pool must be a CUDA tensor for the CUDA kernel");
+  check_writable(k_pool);
   TORCH_CHECK(pair_aligned(k_pool),
               "k_pool must have even strides and an address aligned to two elements "
               "(the kernel rotates pairs in place with vector loads)");

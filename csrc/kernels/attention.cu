@@ -294,13 +294,14 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t row = m0 + warp * 16 + g + 8 * hh;
     if (row >= p.q_len) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // empty union: zeros
+    // l == 0: empty union, zeros; a NaN l (NaN input) must propagate, so not `l > 0`.
+    const float inv = l == 0.f ? 0.f : 1.f / l;
 #pragma unroll
     for (int n = 0; n < Tile<T, D>::kOutTiles; ++n) {
       auto v = Mma<T>::pair(t.o[n][2 * hh] * inv, t.o[n][2 * hh + 1] * inv);
       *reinterpret_cast<decltype(v)*>(obase + row * p.o_sl + n * 8 + tq * 2) = v;
     }
-    if (tq == 0) lse[row] = l > 0.f ? (t.m[hh] + log2f(l)) * 0.6931471805599453f : ninf;
+    if (tq == 0) lse[row] = l == 0.f ? ninf : (t.m[hh] + log2f(l)) * 0.6931471805599453f;
   }
 #else
   __trap();  // tensor-core MMA needs sm_80+; the binding refuses older devices first
