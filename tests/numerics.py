@@ -58,12 +58,24 @@ def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
 
 def assert_close_to_oracle(out, oracle, eager, *, factor: float = 2.0, what: str = ""):
     """``out`` (kernel) and ``eager`` (eager PyTorch in the same dtype) against the float64
-    ``oracle``: err(out) <= factor * err(eager) + one unit of rounding of the output dtype."""
+    ``oracle``: err(out) <= factor * err(eager) + twice the rounding of the output dtype.
+    Where the oracle is not finite (an lse of -inf), ``out`` must match it exactly."""
     assert out.shape == oracle.shape, f"{what}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
     assert out.dtype == eager.dtype, f"{what}: dtype {out.dtype} != {eager.dtype}"
+    finite = torch.isfinite(oracle)
+    if not bool(finite.all()):
+        o, r = out.double()[~finite], oracle.double()[~finite]
+        assert torch.equal(o, r), f"{what}: non-finite oracle entries differ: {o[:8]} vs {r[:8]}"
+        out, oracle, eager = out[finite], oracle[finite], eager[finite]
     e_out, e_eager = max_err(out, oracle), max_err(eager, oracle)
-    scale = float(oracle.abs().max()) if oracle.numel() else 0.0
-    floor = torch.finfo(out.dtype).eps * max(scale, 1e-30)
+    # An absolute floor of rounding size, or the comparison is a coin toss where eager's own
+    # error is a single rounding: flash-attn's (twice the rounding of the oracle's values near
+    # 0.3 in the output dtype), and at least one unit in the last place of the largest value.
+    o = oracle.to(out.dtype)
+    floor = 0.0
+    if o.numel():
+        floor = max(2 * float(((o + 0.3) - 0.3 - o).abs().max()),
+                    torch.finfo(out.dtype).eps * float(oracle.abs().max()))
     assert e_out <= factor * e_eager + floor, (
         f"{what}: kernel error {e_out:.3e} > {factor} x eager error {e_eager:.3e} + {floor:.1e}")
 

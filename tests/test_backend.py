@@ -25,8 +25,7 @@ def test_default_on_cpu_is_the_cpp_kernel():
     assert vidstream.backend_for("rope3d", x) == "cpu"
     # float64 has no kernel: the reference serves it.
     assert vidstream.backend_for("rope3d", x.double()) == "reference"
-    # Ops without a kernel yet run on the reference.
-    assert vidstream.backend_for("select_blocks", x) in ("reference", "cpu")
+    assert vidstream.backend_for("select_blocks", x) == "cpu"
 
 
 def test_use_backend_overrides_and_nests():

@@ -1,6 +1,5 @@
 """StreamingDiT: Wan2.1's parameter names and shapes, checkpoint loading, seeding."""
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -142,4 +141,3 @@ def test_bad_inputs():
         m.text_kv(torch.randn(1, 4, 7))
     with pytest.raises(ValueError, match="preset"):
         StreamingDiT("wan-14b-typo")
-    assert os.path.basename(__file__) == "test_model.py"

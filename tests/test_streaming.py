@@ -325,3 +325,34 @@ def test_mid_eviction_policy(evict):
         chunk()  # evicts chunk 2 into mid: one block must go
     survivor = newest if evict == "oldest" else oldest
     assert cache.mid_order[0][0] == survivor and len(cache.mid_order[0]) == 2
+
+
+class _IdentityCompressor:
+    """Keeps an evicted chunk whole: mid blocks are then ordinary full-resolution chunks."""
+
+    def __call__(self, k, v, *, grid, frame_offset=0, **_):
+        return k, v
+
+    def mid_tokens(self, grid):
+        return grid[0] * grid[1] * grid[2]
+
+
+@pytest.mark.parametrize("mid_blocks", [1, 2])
+def test_mid_memory_with_identity_compressor_equals_longer_window(mid_blocks):
+    """An oracle independent of the cache's position policy: with no sink, every mid block
+    active, oldest-first eviction and a compressor that keeps chunks whole, the three partitions
+    are one sliding window, so streaming must equal chunk_attention with
+    window_frames = mid_blocks * chunk + recent + chunk."""
+    m = _model()
+    C, R, frames = 3, 3, 27
+    x = torch.randn(1, 16, frames, 8, 8)
+    t = torch.rand(1, frames) * 1000
+    text_kv = m.text_kv(_text(m))
+    with torch.no_grad():
+        window = mid_blocks * C + R + C
+        full = m(x, t, text_kv, FullSequenceAttention(chunk_frames=C, window_frames=window))
+        cache = _cache(m, chunk_frames=C, sink_frames=0, recent_frames=R, mid_blocks=mid_blocks,
+                       top_k=None, mid_evict="oldest", compressor=_IdentityCompressor())
+        streamed = _stream_teacher_forced(m, cache, x, t, text_kv, C)
+    assert cache.max_position == window - 1
+    torch.testing.assert_close(streamed, full, atol=5e-5, rtol=1e-5)

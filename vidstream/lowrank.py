@@ -186,6 +186,11 @@ def _attention(backend_name: str, decompress):
             strategy = choose_strategy(backend_name, q.shape[0], q.shape[1], num_tokens(host),
                                        w_uk.shape[0], w_uk.shape[1], w_uk.shape[2],
                                        0 if k_r_pool is None else k_r_pool.shape[2], w_uv.shape[2])
+        if backend_name == "cuda" and strategy == "absorb":
+            # No fused CUDA latent attention: the composed absorb (_absorbed) would attend at
+            # head dim d_c + d_r, which the CUDA attention does not serve, and in 16 bits errs
+            # past the 2x-eager bound. Decompress instead.
+            strategy = "decompress"
         if strategy == "decompress":
             k, v = decompress(c_pool, w_uk, w_uv, host, k_r_pool)
             return _attend(q, k, v, scale, return_lse)
@@ -194,8 +199,7 @@ def _attention(backend_name: str, decompress):
                 q, c_pool, w_uk, w_uv, host, k_r_pool, scale, strategy == "absorb")
             return (out, lse) if return_lse else out
         if strategy == "absorb":
-            absorbed = _absorbed_triton if backend_name == "triton" else _absorbed
-            return absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse)
+            return _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse)
         raise ValueError(f"strategy 'tiled' runs on the cpu backend only; the {backend_name} "
                          "backend has 'decompress' and 'absorb'")
 
