@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "ranges_common.h"
+
 namespace vidstream {
 
 using TokenRange = std::pair<int64_t, int64_t>;  // half-open [start, end)
@@ -89,28 +91,13 @@ inline int64_t num_chunks(const ChunkMaskParams& p, int64_t seq_len) {
   return (seq_len + chunk_tok - 1) / chunk_tok;
 }
 
-// Checks kv_ranges [R, 2] (int32 or int64): each within [0, pool_len], start <= end, the
-// non-empty ones pairwise disjoint. Returns the non-empty ones on the host, ascending.
+// kv_ranges checked (ranges_common.h); the non-empty ones, ascending.
 inline std::vector<TokenRange> checked_kv_ranges(const at::Tensor& ranges, int64_t pool_len,
                                                  const char* name = "kv_ranges") {
-  TORCH_CHECK(ranges.scalar_type() == at::kInt || ranges.scalar_type() == at::kLong, name,
-              " must be an int32 tensor, got ", ranges.scalar_type());
-  TORCH_CHECK(ranges.dim() == 2 && ranges.size(1) == 2, name, " must have shape [R, 2], got ",
-              ranges.sizes());
-  const at::Tensor host = ranges.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = host.data_ptr<int64_t>();
   std::vector<TokenRange> out;
-  for (int64_t r = 0; r < host.size(0); ++r) {
-    const int64_t s = p[2 * r], e = p[2 * r + 1];
-    TORCH_CHECK(s >= 0 && e <= pool_len && s <= e, name, "[", r, "] = [", s, ", ", e,
-                ") must satisfy 0 <= start <= end <= ", pool_len);
-    if (s < e) out.emplace_back(s, e);
-  }
+  for (const auto& r : checked_ranges(ranges, pool_len, name))
+    if (r.first < r.second) out.emplace_back(r.first, r.second);
   std::sort(out.begin(), out.end());
-  for (size_t i = 1; i < out.size(); ++i) {
-    TORCH_CHECK(out[i - 1].second <= out[i].first, name, " must not overlap: [", out[i - 1].first,
-                ", ", out[i - 1].second, ") and [", out[i].first, ", ", out[i].second, ")");
-  }
   return out;
 }
 

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "ranges_common.h"
+
 namespace vidstream {
 
 struct LowRankDims {
@@ -61,32 +63,9 @@ inline void check_lowrank_query(const at::Tensor& q, const at::Tensor& c_pool, c
               ", d_nope + d_r = ", d.d_nope + d.d_r, "], got ", q.sizes());
 }
 
-// kv_ranges [R, 2] int32, each within [0, pool_len], start <= end, pairwise disjoint (empty ones
-// anywhere). Returns them on the host.
 inline std::vector<std::pair<int32_t, int32_t>> checked_kv_ranges(const at::Tensor& ranges,
                                                                   int64_t pool_len) {
-  TORCH_CHECK(ranges.scalar_type() == at::kInt, "kv_ranges must be int32, got ",
-              ranges.scalar_type());
-  TORCH_CHECK(ranges.dim() == 2 && ranges.size(1) == 2, "kv_ranges must have shape [R, 2], got ",
-              ranges.sizes());
-  at::Tensor host = ranges.to(at::kCPU).contiguous();
-  const int32_t* p = host.data_ptr<int32_t>();
-  std::vector<std::pair<int32_t, int32_t>> out;
-  for (int64_t r = 0; r < host.size(0); ++r) {
-    const int32_t s = p[2 * r], e = p[2 * r + 1];
-    TORCH_CHECK(s >= 0 && e <= pool_len && s <= e, "kv_ranges[", r, "] = [", s, ", ", e,
-                ") must satisfy 0 <= start <= end <= ", pool_len);
-    out.emplace_back(s, e);
-  }
-  std::vector<std::pair<int32_t, int32_t>> sorted;
-  for (const auto& r : out)
-    if (r.first < r.second) sorted.push_back(r);
-  std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 1; i < sorted.size(); ++i)
-    TORCH_CHECK(sorted[i - 1].second <= sorted[i].first, "kv_ranges must not overlap: [",
-                sorted[i - 1].first, ", ", sorted[i - 1].second, ") and [", sorted[i].first, ", ",
-                sorted[i].second, ")");
-  return out;
+  return checked_ranges(ranges, pool_len, "kv_ranges");
 }
 
 // Pool position of every token of the ranges, in range order (the row order of K and V).

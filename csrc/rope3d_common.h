@@ -46,26 +46,6 @@ inline void check_t_theta(const std::optional<at::Tensor>& t_theta, const at::Te
               t_theta->scalar_type());
 }
 
-// Checks ranges [R, 2] int32: each within [0, pool_len), start <= end, pairwise disjoint.
-// Returns them on the host.
-inline std::vector<std::pair<int32_t, int32_t>> checked_ranges(const at::Tensor& ranges,
-                                                               int64_t pool_len) {
-  TORCH_CHECK(ranges.scalar_type() == at::kInt, "ranges must be int32, got ", ranges.scalar_type());
-  TORCH_CHECK(ranges.dim() == 2 && ranges.size(1) == 2, "ranges must have shape [R, 2], got ",
-              ranges.sizes());
-  at::Tensor host = ranges.to(at::kCPU).contiguous();
-  const int32_t* p = host.data_ptr<int32_t>();
-  std::vector<std::pair<int32_t, int32_t>> out;
-  for (int64_t r = 0; r < host.size(0); ++r) {
-    const int32_t s = p[2 * r], e = p[2 * r + 1];
-    TORCH_CHECK(s >= 0 && e <= pool_len && s <= e, "ranges[", r, "] = [", s, ", ", e,
-                ") must satisfy 0 <= start <= end <= ", pool_len);
-    out.emplace_back(s, e);
-  }
-  check_disjoint(out, "ranges");
-  return out;
-}
-
 // omega[p'] = theta^(-2 p' / (2 n)) for p' < n, float64 on `device`; shape [n], or [H, n]
 // with a per-head theta.
 inline at::Tensor band_omega(int64_t n, double theta, const std::optional<at::Tensor>& per_head,

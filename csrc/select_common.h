@@ -66,20 +66,8 @@ inline SelectProblem check_select_inputs(const at::Tensor& q, const at::Tensor& 
                 p.heads, "), got ", seen[i]);
     TORCH_CHECK(i == 0 || seen[i] != seen[i - 1], "heads must be distinct, got ", seen[i], " twice");
   }
-  TORCH_CHECK(block_ranges.scalar_type() == at::kInt, "block_ranges must be int32, got ",
-              block_ranges.scalar_type());
-  TORCH_CHECK(block_ranges.dim() == 2 && block_ranges.size(1) == 2,
-              "block_ranges must have shape [M, 2], got ", block_ranges.sizes());
-  const at::Tensor host = block_ranges.to(at::kCPU).contiguous();
-  const int32_t* r = host.data_ptr<int32_t>();
-  p.blocks = host.size(0);
-  for (int64_t m = 0; m < p.blocks; ++m) {
-    const int32_t s = r[2 * m], e = r[2 * m + 1];
-    TORCH_CHECK(s >= 0 && e <= p.pool_len && s <= e, "block_ranges[", m, "] = [", s, ", ", e,
-                ") must satisfy 0 <= start <= end <= ", p.pool_len);
-    p.ranges.emplace_back(s, e);
-  }
-  check_disjoint(p.ranges, "block_ranges");
+  p.ranges = checked_ranges(block_ranges, p.pool_len, "block_ranges");
+  p.blocks = static_cast<int64_t>(p.ranges.size());
   if (key_sums) {
     const at::Tensor& s = *key_sums;
     TORCH_CHECK(s.dim() == 4 && s.size(0) == p.batch && s.size(1) == p.blocks &&
