@@ -5,18 +5,10 @@
 
 #include "kernels/kv_store.h"
 #include "kv_store_common.h"
+#include "cuda/elem_type.h"
 
 namespace vidstream {
 namespace {
-
-ElemType store_elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kHalf: return ElemType::kFloat16;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
 
 // The kernel moves key pairs as one 2-element vector.
 bool pairs_aligned(const at::Tensor& t) {
@@ -56,7 +48,7 @@ void rope3d_store_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor&
   p.v = v.data_ptr();
   p.k_pool = k_pool.data_ptr();
   p.v_pool = v_pool.data_ptr();
-  p.dtype = store_elem_type(k);
+  p.dtype = elem_type(k);
   p.batch = k.size(0);
   p.tokens = k.size(1);
   p.heads = k.size(2);

@@ -7,18 +7,10 @@
 
 #include "kernels/lowrank.h"
 #include "lowrank_common.h"
+#include "cuda/elem_type.h"
 
 namespace vidstream {
 namespace {
-
-ElemType lowrank_elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kHalf: return ElemType::kFloat16;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cuda(const at::Tensor& c_pool,
                                                            const at::Tensor& w_uk_in,
@@ -51,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cuda(const at::Tensor& c_p
   p.token_idx = dev_idx.data_ptr<int32_t>();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.dtype = lowrank_elem_type(c_pool);
+  p.dtype = elem_type(c_pool);
   p.batch = d.batch;
   p.tokens = num_tokens;
   p.heads = d.heads;

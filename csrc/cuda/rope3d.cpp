@@ -5,18 +5,10 @@
 
 #include "kernels/rope3d.h"
 #include "rope3d_common.h"
+#include "cuda/elem_type.h"
 
 namespace vidstream {
 namespace {
-
-ElemType elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kHalf: return ElemType::kFloat16;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
 
 // Whether every head row of t starts at a multiple of `elems` elements, so the kernels can
 // access `elems` elements at a time.

@@ -5,18 +5,10 @@
 
 #include "kernels/select_blocks.h"
 #include "select_common.h"
+#include "cuda/elem_type.h"
 
 namespace vidstream {
 namespace {
-
-ElemType select_elem_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElemType::kFloat32;
-    case at::kHalf: return ElemType::kFloat16;
-    case at::kBFloat16: return ElemType::kBFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& block_ranges, int64_t k,
@@ -51,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   SelectBlocksParams a{};
   a.q = q.data_ptr();
   a.k = kp.data_ptr();
-  a.dtype = select_elem_type(q);
+  a.dtype = elem_type(q);
   a.batch = p.batch;
   a.q_len = p.q_len;
   a.head_dim = p.head_dim;

@@ -8,23 +8,11 @@
 #include <cuda_runtime.h>
 
 #include "lowrank.h"
+#include "convert.cuh"
 
 namespace vidstream {
 namespace {
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 template <typename T>
 __global__ void lowrank_decompress_kernel(LowRankDecompressParams p) {
@@ -38,7 +26,7 @@ __global__ void lowrank_decompress_kernel(LowRankDecompressParams p) {
   for (int64_t j = threadIdx.x; j < TOK * d_c; j += blockDim.x) {
     const int i = static_cast<int>(j / d_c);
     float x = 0.f;  // rows past the last token stay zero: the FMA loop runs all TOK rows
-    if (i < nt) x = to_f(c[p.token_idx[n0 + i] * p.c_stride_l + (j % d_c) * p.c_stride_c]);
+    if (i < nt) x = to_float(c[p.token_idx[n0 + i] * p.c_stride_l + (j % d_c) * p.c_stride_c]);
     c_tile[j] = x;
   }
   __syncthreads();
@@ -54,7 +42,7 @@ __global__ void lowrank_decompress_kernel(LowRankDecompressParams p) {
 #pragma unroll
     for (int i = 0; i < TOK; ++i) acc[i] = 0.f;
     for (int64_t x = 0; x < d_c; ++x) {
-      const float wx = to_f(w[x * ld]);
+      const float wx = to_float(w[x * ld]);
 #pragma unroll
       for (int i = 0; i < TOK; ++i) acc[i] += c_tile[i * d_c + x] * wx;  // smem broadcast
     }
@@ -62,8 +50,8 @@ __global__ void lowrank_decompress_kernel(LowRankDecompressParams p) {
     for (int i = 0; i < TOK; ++i) {
       if (i >= nt) break;
       const int64_t row = ((b * p.tokens) + n0 + i) * p.heads + h;
-      if (is_k) k[row * dk + col] = from_f<T>(acc[i]);
-      else v[row * p.d_v + (col - p.d_nope)] = from_f<T>(acc[i]);
+      if (is_k) k[row * dk + col] = from_float<T>(acc[i]);
+      else v[row * p.d_v + (col - p.d_nope)] = from_float<T>(acc[i]);
     }
   }
   if (p.d_r == 0) return;

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "select_blocks.h"
+#include "convert.cuh"
 
 namespace vidstream {
 namespace {
@@ -18,9 +19,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunks = kSelectMaxHeadDim / 32;  // per-lane registers over the head dim
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -49,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) reduce_queries_kernel(SelectBlocksPa
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       const int d = lane + 32 * c;
-      if (d < D) acc[c] += to_f(row[d]);
+      if (d < D) acc[c] += to_float(row[d]);
     }
   }
 #pragma unroll
@@ -151,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             const int d = lane + 32 * c;
-            if (d < D) acc[c] += to_f(row[d]);
+            if (d < D) acc[c] += to_float(row[d]);
           }
         }
         double dot = 0.0;
@@ -170,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             const int d = lane + 32 * c;
-            if (d < D) dot += qf[c] * to_f(row[d]);
+            if (d < D) dot += qf[c] * to_float(row[d]);
           }
           best = fmaxf(best, p.scale * warp_sum(dot));
         }
