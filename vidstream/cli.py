@@ -62,7 +62,8 @@ def _run(model, text, args, backend, label, keep_chunks):
         if bar is not None:
             elapsed = time.perf_counter() - t_start
             bar.update(x.shape[2])
-            bar.set_postfix_str(f"{done / elapsed:.1f} frames/s, cache {gen.cache.nbytes / 2**20:.2f} MiB")
+            bar.set_postfix_str(f"{done / elapsed:.1f} frames/s, cache {gen.cache.nbytes / 2**20:.2f} MiB",
+                                refresh=False)  # the bar redraws at its own interval
     if bar is not None:
         bar.close()
     total = time.perf_counter() - t_start
