@@ -11,6 +11,10 @@ inline void check_store_args(const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& v, int64_t frames, int64_t height, int64_t width) {
   check_pool_like(k_pool, "k_pool");
   check_pool_like(k, "k");
+  // Both pools are written in place: no element may alias another, nor k_pool v_pool.
+  check_writable(k_pool);
+  check_writable(v_pool);
+  at::assert_no_overlap(k_pool, v_pool);
   TORCH_CHECK(v_pool.dim() == 4, "v_pool must be 4-D [B, P, H_kv, Dv], got ", v_pool.dim(), "-D");
   TORCH_CHECK(v.dim() == 4, "v must be 4-D [B, L, H_kv, Dv], got ", v.dim(), "-D");
   TORCH_CHECK(v_pool.stride(3) == 1 && v.stride(3) == 1,

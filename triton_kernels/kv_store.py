@@ -14,6 +14,8 @@ from torch.library import triton_op, wrap_triton
 
 from vidstream._rope_tables import band_omega, cos_sin, rope_bands, temporal_angles
 
+from .rope3d import rope3d_cos_sin
+
 
 @triton.jit
 def _rope3d_store_kernel(k_ptr, v_ptr, kp_ptr, vp_ptr, slots_ptr, tab_t, tab_h, tab_w,
@@ -33,21 +35,10 @@ def _rope3d_store_kernel(k_ptr, v_ptr, kp_ptr, vp_ptr, slots_ptr, tab_t, tab_h, 
     y = j // width
     xc = j % width
     dst = tl.load(slots_ptr + f, mask=tok_ok, other=0) + j
+    cos, sin = rope3d_cos_sin(tab_t, tab_h, tab_w, f, y, xc, h, tok_ok, C_T, C_H, C_W, T_HEADS,
+                              BLOCK_C)
     p = tl.arange(0, BLOCK_C)
-    is_t = p < C_T
-    is_h = (p >= C_T) & (p < C_T + C_H)
-    is_w = (p >= C_T + C_H) & (p < C_T + C_H + C_W)
-    th = h if T_HEADS > 1 else 0
-    t_idx = ((f[:, None] * T_HEADS + th) * C_T + p[None, :]) * 2
-    h_idx = (y[:, None] * C_H + (p[None, :] - C_T)) * 2
-    w_idx = (xc[:, None] * C_W + (p[None, :] - C_T - C_H)) * 2
     m = tok_ok[:, None]
-    cos = tl.load(tab_t + t_idx, mask=m & is_t[None, :], other=0.0)
-    sin = tl.load(tab_t + t_idx + 1, mask=m & is_t[None, :], other=0.0)
-    cos += tl.load(tab_h + h_idx, mask=m & is_h[None, :], other=0.0)
-    sin += tl.load(tab_h + h_idx + 1, mask=m & is_h[None, :], other=0.0)
-    cos += tl.load(tab_w + w_idx, mask=m & is_w[None, :], other=0.0)
-    sin += tl.load(tab_w + w_idx + 1, mask=m & is_w[None, :], other=0.0)
     pair_ok = m & (p[None, :] < C_T + C_H + C_W)
     k_off = (b * skb + i * skl + h * skh)[:, None] + 2 * p[None, :]
     o_off = (b * sKb + dst * sKl + h * sKh)[:, None] + 2 * p[None, :]

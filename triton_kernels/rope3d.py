@@ -24,20 +24,11 @@ def _rotate_rows(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _rope3d_kernel(x_ptr, o_ptr, tab_t, tab_h, tab_w,
-                   n_tokens, L, hw, width,
-                   sxb, sxl, sxh, sob, sol, soh,
-                   C_T: tl.constexpr, C_H: tl.constexpr, C_W: tl.constexpr, T_HEADS: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # One program: BLOCK_T tokens of one head, every rotation pair.
-    n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.program_id(1)
-    tok_ok = n < n_tokens
-    b = n // L
-    i = n % L
-    f = i // hw
-    y = (i % hw) // width
-    xc = i % width
+def rope3d_cos_sin(tab_t, tab_h, tab_w, f, y, xc, h, tok_ok,
+                   C_T: tl.constexpr, C_H: tl.constexpr, C_W: tl.constexpr,
+                   T_HEADS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(cos, sin) [BLOCK_T, BLOCK_C] of every rotation pair of tokens at frame f, row y, column
+    xc, head h: the temporal, height and width tables each serve their own band."""
     p = tl.arange(0, BLOCK_C)
     is_t = p < C_T
     is_h = (p >= C_T) & (p < C_T + C_H)
@@ -53,6 +44,27 @@ def _rope3d_kernel(x_ptr, o_ptr, tab_t, tab_h, tab_w,
     sin += tl.load(tab_h + h_idx + 1, mask=m & is_h[None, :], other=0.0)
     cos += tl.load(tab_w + w_idx, mask=m & is_w[None, :], other=0.0)
     sin += tl.load(tab_w + w_idx + 1, mask=m & is_w[None, :], other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rope3d_kernel(x_ptr, o_ptr, tab_t, tab_h, tab_w,
+                   n_tokens, L, hw, width,
+                   sxb, sxl, sxh, sob, sol, soh,
+                   C_T: tl.constexpr, C_H: tl.constexpr, C_W: tl.constexpr, T_HEADS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: BLOCK_T tokens of one head, every rotation pair.
+    n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    tok_ok = n < n_tokens
+    b = n // L
+    i = n % L
+    f = i // hw
+    y = (i % hw) // width
+    xc = i % width
+    cos, sin = rope3d_cos_sin(tab_t, tab_h, tab_w, f, y, xc, h, tok_ok, C_T, C_H, C_W, T_HEADS,
+                              BLOCK_C)
+    m = tok_ok[:, None]
     d = tl.arange(0, 2 * BLOCK_C)
     mask = m & (d[None, :] < 2 * (C_T + C_H + C_W))
     x = tl.load(x_ptr + (b * sxb + i * sxl + h * sxh)[:, None] + d[None, :], mask=mask, other=0.0)

@@ -73,9 +73,6 @@ void rope3d_store_cpu(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& 
   const int64_t frames = frame_slots.size(0);
   check_store_args(k_pool, v_pool, k, v, frames, height, width);
   TORCH_CHECK(k_pool.device().is_cpu(), "k_pool must be a CPU tensor for the CPU kernel");
-  check_writable(k_pool);
-  check_writable(v_pool);
-  at::assert_no_overlap(k_pool, v_pool);
   check_t_theta(t_theta, k);
   const auto slots = checked_frame_slots(frame_slots, height * width, k_pool.size(1));
   const at::Tensor tab_t =

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include "attention_common.h"
+#include "cuda/binding_common.h"
 #include "kernels/attention.h"
 
 namespace vidstream {
@@ -12,9 +13,7 @@ namespace {
 
 // The kernel moves 8 elements per vector load: rows, heads and the base must be 16-byte aligned.
 bool vector_aligned(const at::Tensor& t) {
-  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return t.stride(3) == 1 && addr % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-         t.stride(2) % 8 == 0;
+  return t.stride(3) == 1 && rows_aligned(t, 16 / t.element_size());
 }
 
 // A fresh copy: contiguous() would hand back a contiguous tensor whose pointer is misaligned.

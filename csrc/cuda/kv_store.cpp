@@ -5,17 +5,10 @@
 
 #include "kernels/kv_store.h"
 #include "kv_store_common.h"
-#include "cuda/elem_type.h"
+#include "cuda/binding_common.h"
 
 namespace vidstream {
 namespace {
-
-// The kernel moves key pairs as one 2-element vector.
-bool pairs_aligned(const at::Tensor& t) {
-  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return addr % (2 * t.element_size()) == 0 && t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 &&
-         t.stride(2) % 2 == 0;
-}
 
 void rope3d_store_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k_in,
                        const at::Tensor& v_in, const at::Tensor& frame_slots,
@@ -25,10 +18,7 @@ void rope3d_store_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor&
   const int64_t frames = frame_slots.size(0);
   check_store_args(k_pool, v_pool, k_in, v_in, frames, height, width);
   TORCH_CHECK(k_pool.is_cuda(), "k_pool must be a CUDA tensor for the CUDA kernel");
-  check_writable(k_pool);
-  check_writable(v_pool);
-  at::assert_no_overlap(k_pool, v_pool);
-  TORCH_CHECK(pairs_aligned(k_pool),
+  TORCH_CHECK(pair_aligned(k_pool),
               "k_pool must have even strides and an address aligned to two elements");
   check_t_theta(t_theta, k_in);
   const c10::cuda::CUDAGuard guard(k_pool.device());
@@ -37,7 +27,7 @@ void rope3d_store_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor&
       temporal_table_at(frame_pos, frames, theta, t_theta, k_in.size(3), k_pool.device());
   if (k_in.numel() == 0) return;
   // clone, not contiguous(): a contiguous tensor may still start misaligned.
-  const at::Tensor k = pairs_aligned(k_in) ? k_in : k_in.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor k = pair_aligned(k_in) ? k_in : k_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor v = v_in;
   const Rope3dTables hw_tab =
       rope3d_tables(0, height, width, 0.0, theta, std::nullopt, k.size(3), k.device());

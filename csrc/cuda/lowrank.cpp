@@ -7,7 +7,7 @@
 
 #include "kernels/lowrank.h"
 #include "lowrank_common.h"
-#include "cuda/elem_type.h"
+#include "cuda/binding_common.h"
 
 namespace vidstream {
 namespace {

@@ -5,20 +5,11 @@
 
 #include "kernels/rope3d.h"
 #include "rope3d_common.h"
-#include "cuda/elem_type.h"
+#include "cuda/binding_common.h"
 
 namespace vidstream {
 namespace {
 
-// Whether every head row of t starts at a multiple of `elems` elements, so the kernels can
-// access `elems` elements at a time.
-bool rows_aligned(const at::Tensor& t, int64_t elems) {
-  const auto addr = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return addr % (elems * t.element_size()) == 0 && t.stride(0) % elems == 0 &&
-         t.stride(1) % elems == 0 && t.stride(2) % elems == 0;
-}
-
-bool pair_aligned(const at::Tensor& t) { return rows_aligned(t, 2); }
 
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, what, " launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));

@@ -5,7 +5,7 @@
 
 #include "kernels/select_blocks.h"
 #include "select_common.h"
-#include "cuda/elem_type.h"
+#include "cuda/binding_common.h"
 
 namespace vidstream {
 namespace {
