@@ -1,4 +1,4 @@
-"""Benchmark of chunk_attention (SPEC §1) and cached_attention (SPEC §2) against their peers,
+"""Benchmark of chunk_attention (docs/spec.md §1) and cached_attention (docs/spec.md §2) against their peers,
 measured in the same run: eager PyTorch (the reference, with a mask), scaled_dot_product_attention
 with the equivalent boolean mask, FlexAttention (compiled, create_block_mask with the same mask)
 and flash-attn when importable.

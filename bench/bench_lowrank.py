@@ -1,4 +1,4 @@
-"""Benchmark of the low-rank latent KV cache (SPEC §4) at Wan-1.3B shapes.
+"""Benchmark of the low-rank latent KV cache (docs/spec.md §4) at Wan-1.3B shapes.
 
 1. Cache size: bytes per token per layer and the whole cache for 30 layers, latent vs dense.
 2. Time of lowrank_cached_attention (each strategy, and the one chosen per shape) against dense

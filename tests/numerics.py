@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vidstream
-from vidstream import backend as _backend
+from vidstream import testing
 
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,11 +34,9 @@ def require(backend: str, op: str, device: str, dtype: torch.dtype):
     """Skips the test when ``backend`` cannot run ``op`` on this device and dtype here."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    why = _backend._usable(backend, op, torch.device(device), dtype)
+    why = testing.why_not(backend, op, device, dtype)
     if why is not None:
         pytest.skip(f"{backend} cannot run {op} here: {why}")
-    if op not in _backend._registry or backend not in _backend._registry[op]:
-        pytest.skip(f"{backend} has no kernel for {op}")
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

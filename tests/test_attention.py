@@ -1,4 +1,4 @@
-"""chunk_attention (SPEC §1) and cached_attention (SPEC §2) on every kernel backend against the
+"""chunk_attention (docs/spec.md §1) and cached_attention (docs/spec.md §2) on every kernel backend against the
 float64 reference, plus the property that ties them: generating chunk by chunk with
 cached_attention over a sink + ring-buffer window equals chunk_attention on the whole sequence."""
 

@@ -1,14 +1,16 @@
 """Which backend runs: defaults, overrides, and the errors for a backend that can't run."""
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 import vidstream
-from vidstream import backend
+from vidstream import backend, testing
 
 
 def test_backends_lists_what_runs_here():
@@ -54,16 +56,59 @@ def test_unknown_backend_is_refused():
 
 def test_cuda_tensors_default_to_gpu_validated_backends_only(monkeypatch):
     """A CUDA tensor never defaults to a kernel that has not passed the suite on a GPU."""
-    monkeypatch.setattr(backend, "_usable", lambda name, op, device, dtype: None)
+    monkeypatch.setattr(backend, "usable", lambda name, op, device, dtype: None)
 
     class Cuda:
         device, dtype = torch.device("cuda"), torch.float32
 
-    for op, impls in backend._registry.items():
-        picked = backend.resolve(op, Cuda)
-        validated = [n for n in ("cuda", "triton") if n in impls and impls[n].gpu_validated]
-        want = impls[validated[0]].fn if validated else impls["reference"].fn
-        assert picked is want, op
+    for op in testing.ops():
+        picked = vidstream.backend_for(op, Cuda)
+        validated = [n for n in ("cuda", "triton") if n in testing.registered_backends(op)
+                     and testing.gpu_validated(op, n)]
+        assert picked == (validated[0] if validated else "reference"), op
+
+
+def test_use_backend_is_local_to_a_thread():
+    """Two threads forcing different backends never see each other's choice."""
+    x = torch.randn(1, 4, 2, 64)
+    names = [n for n in ("reference", "cpu") if n in vidstream.backends()]
+    barrier = threading.Barrier(len(names))
+    seen = {n: set() for n in names}
+
+    def work(name):
+        with vidstream.use_backend(name):
+            barrier.wait()
+            for _ in range(200):
+                seen[name].add(vidstream.backend_for("rope3d", x))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {n: {n} for n in names}
+    assert vidstream.backend_for("rope3d", x) == backend.op("rope3d").default_name(x)
+
+
+def test_use_backend_is_local_to_an_asyncio_task():
+    x = torch.randn(1, 4, 2, 64)
+
+    async def forced(name, seen):
+        with vidstream.use_backend(name):
+            await asyncio.sleep(0)
+            seen.append(vidstream.backend_for("rope3d", x))
+            await asyncio.sleep(0)
+            seen.append(vidstream.backend_for("rope3d", x))
+
+    async def both():
+        a, b = [], []
+        await asyncio.gather(forced("reference", a), forced("cpu", b))
+        return a, b
+
+    if "cpu" not in vidstream.backends():
+        pytest.skip("needs the cpu backend")
+    a, b = asyncio.run(both())
+    assert a == ["reference"] * 2 and b == ["cpu"] * 2
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

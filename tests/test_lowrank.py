@@ -1,4 +1,4 @@
-"""Low-rank latent KV ops (SPEC §4) and LowRankKV against the float64 reference."""
+"""Low-rank latent KV ops (docs/spec.md §4) and LowRankKV against the float64 reference."""
 
 import pytest
 import torch
@@ -13,8 +13,8 @@ from numerics import (
 
 import vidstream
 from vidstream import reference
-from vidstream.lowrank import choose_strategy
-from vidstream.lowrank_kv import LowRankKV, reconstruction_error
+from vidstream.ops.lowrank import choose_strategy
+from vidstream.streaming.lowrank_kv import LowRankKV, reconstruction_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (d_c, d_r, d_nope, d_v, heads): latent 64 / 192 / 512, positional 0 / 32 / 64, d_v != d_nope + d_r.
@@ -167,11 +167,11 @@ def test_attention_equals_cached_attention_on_decompressed(backend, device, stra
 def test_absorbed_through_cached_attention(d_r):
     """Strategy (b) spelled with the public cached_attention (one kv head, head dim d_c + d_r,
     the original query's scale) and two small products equals the definition."""
-    from vidstream.lowrank import _absorbed
+    from vidstream.ops.lowrank import _absorbed
 
     c, w_uk, w_uv, k_r = _inputs(2, 50, 64, d_r, 16, 24, 3, torch.float64)
     q = torch.randn(2, 5, 3, 16 + d_r, dtype=torch.float64)
-    ranges = torch.tensor([[30, 50], [0, 0], [2, 11]], dtype=torch.int32)
+    ranges = vidstream.TokenRanges.trusted([[30, 50], [0, 0], [2, 11]], "cpu")
     out, lse = _absorbed(q, c, w_uk, w_uv, ranges, k_r, 0.2, True)
     o64, l64 = reference.lowrank_cached_attention(q, c, w_uk, w_uv, ranges, k_r_pool=k_r,
                                                   scale=0.2, return_lse=True)

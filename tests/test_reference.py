@@ -1,4 +1,4 @@
-"""The reference ops against naive loops written straight from SPEC.md on tiny float64 inputs:
+"""The reference ops against naive loops written straight from docs/spec.md on tiny float64 inputs:
 the oracle every kernel is tested against must itself be right."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vidstream import reference
-from vidstream._rope_tables import rope_bands
+from vidstream.ops.rope_math import rope_bands
 
 f64 = dict(dtype=torch.float64)
 

@@ -1,4 +1,4 @@
-"""select_blocks (SPEC §5) on every backend against the float64 reference."""
+"""select_blocks (docs/spec.md §5) on every backend against the float64 reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from numerics import DTYPES, assert_close_to_oracle, backend_device_pairs, require, run
 
 import vidstream
-from vidstream import reference, selection
+from vidstream import reference
+from vidstream.ops import select_blocks as selection
 
 # (B, Lq, H, H_kv, D, block sizes (None = empty gap of 3 tokens before the next), k, stride, heads)
 CASES = {
@@ -48,9 +49,9 @@ def _make(case, dtype, device="cpu", shuffle=True):
 def _oracle(q, kp, r, stride, heads, score, sums=None):
     heads = heads if heads is not None else list(range(max(1, q.shape[2] // 2)))
     scale = q.shape[3] ** -0.5
-    args = (r, stride, heads, score, scale)
-    oracle = reference._block_scores(q.double(), kp.double(), *args)
-    eager = reference._block_scores(q, kp, *args, sums)
+    kw = dict(query_stride=stride, heads=heads, score=score, scale=scale)
+    oracle = reference.block_scores(q.double(), kp.double(), r, **kw)
+    eager = reference.block_scores(q, kp, r, **kw, block_key_sums=sums)
     return oracle, eager
 
 
@@ -169,8 +170,8 @@ def test_default_heads_and_scale():
     a = reference.select_blocks(q, kp, r, 3)
     b = reference.select_blocks(q, kp, r, 3, heads=[0, 1], scale=16**-0.5)
     assert torch.equal(a, b)
-    s_half = reference._block_scores(q, kp, r, 8, [0, 1], "mean", 0.5)
-    s_one = reference._block_scores(q, kp, r, 8, [0, 1], "mean", 1.0)
+    s_half = reference.block_scores(q, kp, r, heads=[0, 1], scale=0.5)
+    s_one = reference.block_scores(q, kp, r, heads=[0, 1], scale=1.0)
     torch.testing.assert_close(2 * s_half, s_one)
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of chunk_attention (SPEC §1) and cached_attention (SPEC §2): a
+"""Triton kernels of chunk_attention (docs/spec.md §1) and cached_attention (docs/spec.md §2): a
 FlashAttention-2-style forward, registered with ``torch.library.triton_op`` as
 ``vidstream::chunk_attention_triton`` and ``vidstream::cached_attention_triton``.
 

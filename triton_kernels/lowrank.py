@@ -1,4 +1,4 @@
-"""Triton kernel of lowrank_decompress (SPEC §4), registered with ``torch.library.triton_op`` as
+"""Triton kernel of lowrank_decompress (docs/spec.md §4), registered with ``torch.library.triton_op`` as
 ``vidstream::lowrank_decompress_triton``.
 
 One program: BLOCK_N tokens of the ranges for one head. The latent tile is gathered through the

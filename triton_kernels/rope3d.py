@@ -1,6 +1,6 @@
-"""Triton kernels of rope3d and rope3d_shift_ (SPEC §3), registered with
+"""Triton kernels of rope3d and rope3d_shift_ (docs/spec.md §3), registered with
 ``torch.library.triton_op`` as ``vidstream::rope3d_triton`` and ``vidstream::rope3d_shift_triton_``.
-Angles come from float64 tables (``vidstream._rope_tables``); the kernels rotate in float32."""
+Angles come from float64 tables (``vidstream.ops.rope_math``); the kernels rotate in float32."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vidstream._rope_tables import band_omega, cos_sin, rope_bands, temporal_angles
+from vidstream.ops.rope_math import band_omega, cos_sin, rope_bands, temporal_angles
 
 
 @triton.jit

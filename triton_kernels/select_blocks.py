@@ -1,4 +1,4 @@
-"""Triton kernels of select_blocks (SPEC §5), registered as ``vidstream::select_blocks_triton``.
+"""Triton kernels of select_blocks (docs/spec.md §5), registered as ``vidstream::select_blocks_triton``.
 
 Two launches, no ``QK^T``: (1) one program per (batch, chosen head) sums the sampled queries
 (float64 accumulators fed by float32 tiles);

@@ -1,40 +1,56 @@
 """vidstream: fused kernels and a bounded KV cache for streaming video diffusion transformers.
 
-The ops follow the contract in SPEC.md. Each has a ``reference`` (eager PyTorch) backend and,
-where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()`` and
-``vidstream.use_backend``."""
+The ops follow the contract in docs/spec.md. Each has a ``reference`` (eager PyTorch) backend
+and, where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()``
+and ``vidstream.use_backend``. The streaming layer (cache, model, generator) is in
+``vidstream.streaming``; its main classes are also importable from here."""
 
-from . import _extension, compress, reference, selection
-from .attention import cached_attention, chunk_attention
+from __future__ import annotations
+
+import importlib
+
+from . import _compat, _extension, reference
 from .backend import backend_for, backends, use_backend
-from .cache import AvgPoolCompressor, CacheConfig, NaiveKVCache, StreamingKVCache
-from .kv_store import rope3d_store_
-from .lowrank import lowrank_cached_attention, lowrank_decompress
-from .lowrank_kv import LowRankKV
-from .model import DiTConfig, FullSequenceAttention, StreamingDiT
-from .pipeline import StreamingGenerator
-from .rope import rope3d, rope3d_shift_
-from .selection import select_blocks
+from .ops.attention import cached_attention, chunk_attention
+from .ops.lowrank import lowrank_cached_attention, lowrank_decompress
+from .ops.metadata import FrameSlots, TokenRanges
+from .ops.rope3d import rope3d, rope3d_shift_, rope3d_store_
+from .ops.select_blocks import select_blocks
 
 __version__ = "0.1.0"
 
+# The streaming layer is imported on first use: the ops alone do not pay for the model code.
+_STREAMING = {
+    "AvgPoolCompressor": "compressors",
+    "PoolCompressor": "compressors",
+    "CacheConfig": "config",
+    "DiTConfig": "model",
+    "FullSequenceAttention": "full_sequence",
+    "LowRankKV": "lowrank_kv",
+    "NaiveKVCache": "naive_cache",
+    "StreamingDiT": "model",
+    "StreamingGenerator": "generator",
+    "StreamingKVCache": "bounded_cache",
+}
+
+
+def __getattr__(name):
+    if name in _STREAMING:
+        return getattr(importlib.import_module(f".streaming.{_STREAMING[name]}", __name__), name)
+    raise AttributeError(f"module 'vidstream' has no attribute {name!r}")
+
+
+_compat.install()
 _extension.load()
 
 __all__ = [
-    "AvgPoolCompressor",
-    "CacheConfig",
-    "DiTConfig",
-    "FullSequenceAttention",
-    "NaiveKVCache",
-    "StreamingDiT",
-    "StreamingGenerator",
-    "StreamingKVCache",
-    "LowRankKV",
+    *sorted(_STREAMING),
+    "FrameSlots",
+    "TokenRanges",
     "backend_for",
     "backends",
     "cached_attention",
     "chunk_attention",
-    "compress",
     "lowrank_cached_attention",
     "lowrank_decompress",
     "reference",
@@ -42,6 +58,5 @@ __all__ = [
     "rope3d_shift_",
     "rope3d_store_",
     "select_blocks",
-    "selection",
     "use_backend",
 ]

@@ -1,14 +1,18 @@
-"""Which implementation of an op runs: the backend registry.
+"""Which implementation of an op runs: the kernel registry.
 
-Backends: ``reference`` (eager PyTorch), ``cpu`` (C++), ``triton``, ``cuda`` (hand-written CUDA).
-On CPU tensors the default is the C++ kernel. On CUDA tensors it is the fastest backend that has
-been validated on a GPU for that op (recorded below with the registration), else the reference.
-Override with ``VIDSTREAM_BACKEND=<name>`` or ``with vidstream.use_backend("<name>"):``.
+A *backend* is a family of implementations: ``reference`` (eager PyTorch, the oracle), ``cpu``
+(C++), ``triton``, ``cuda`` (hand-written CUDA). torch's dispatcher picks the device kernel of a
+C++ op; this registry picks among backends. On CPU tensors the default is the C++ kernel. On
+CUDA tensors it is the fastest backend validated on a GPU for that op, else the reference.
+Override with ``VIDSTREAM_BACKEND=<name>`` or ``with vidstream.use_backend("<name>"):``; the
+override is local to the thread / asyncio task (a ``contextvars`` variable), so two generators in
+two threads never see each other's choice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -22,16 +26,6 @@ NAMES = ("reference", "cpu", "triton", "cuda")
 _GPU_PREFERENCE = ("cuda", "triton")
 
 
-@dataclass(frozen=True)
-class _Impl:
-    fn: Callable
-    gpu_validated: bool  # has passed the test suite on a real GPU
-
-
-_registry: dict[str, dict[str, _Impl]] = {}
-_forced: list[str] = []
-
-
 def _check_name(name: str, where: str) -> str:
     if name not in NAMES:
         raise ValueError(f"{where}: unknown backend {name!r}; known backends: {', '.join(NAMES)}")
@@ -42,9 +36,96 @@ _env_backend = os.environ.get("VIDSTREAM_BACKEND") or None
 if _env_backend is not None:
     _check_name(_env_backend, "VIDSTREAM_BACKEND")
 
+# The stack of use_backend blocks of this thread / task (innermost last).
+_forced: contextvars.ContextVar[tuple] = contextvars.ContextVar("vidstream_backend", default=())
 
-def register(op: str, backend: str, fn: Callable, *, gpu_validated: bool = False):
-    _registry.setdefault(op, {})[_check_name(backend, "register")] = _Impl(fn, gpu_validated)
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    gpu_validated: bool  # has passed the test suite on a real GPU
+
+
+class Op:
+    """One op's implementations, by backend name, and the choice among them."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.impls: dict[str, Implementation] = {}
+
+    def register(self, backend: str, fn: Callable, *, gpu_validated: bool = False) -> Callable:
+        self.impls[_check_name(backend, "register")] = Implementation(fn, gpu_validated)
+        return fn
+
+    def impl(self, backend: str) -> Callable:
+        """The implementation of one backend: for an op composed of another on the same backend."""
+        return self.impls[backend].fn
+
+    def available(self, device, dtype) -> list[str]:
+        return [b for b in self.impls if usable(b, self.name, device, dtype) is None]
+
+    def resolve_name(self, x: torch.Tensor) -> str:
+        """The backend that runs this op on inputs like ``x``; a ``ValueError`` naming the
+        available ones where the forced backend cannot."""
+        chosen = forced()
+        if chosen is None:
+            return self.default_name(x)
+        why = "it has no kernel for this op" if chosen not in self.impls else usable(
+            chosen, self.name, x.device, x.dtype)
+        if why is not None:
+            avail = ", ".join(self.available(x.device, x.dtype))
+            raise ValueError(
+                f"backend {chosen!r} cannot run vidstream.{self.name} on {x.dtype} {x.device.type} "
+                f"tensors: {why}. Available for these inputs: {avail}")
+        return chosen
+
+    def resolve(self, x: torch.Tensor) -> Callable:
+        return self.impls[self.resolve_name(x)].fn
+
+    def default_name(self, x: torch.Tensor) -> str:
+        """The backend the defaults pick for inputs like ``x``, whatever is forced."""
+        if x.device.type == "cuda":
+            for name in _GPU_PREFERENCE:
+                impl = self.impls.get(name)
+                if impl is not None and impl.gpu_validated and usable(
+                        name, self.name, x.device, x.dtype) is None:
+                    return name
+            return "reference"
+        if "cpu" in self.impls and usable("cpu", self.name, x.device, x.dtype) is None:
+            return "cpu"
+        return "reference"
+
+
+_ops: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry of op ``name`` (created on first use)."""
+    return _ops.setdefault(name, Op(name))
+
+
+def ops() -> dict[str, Op]:
+    return dict(_ops)
+
+
+# torch.compile cannot trace a ContextVar: the choice is read when a graph is traced and kept
+# in it (a compiled function runs on the backend in force when it was compiled).
+@torch.compiler.assume_constant_result
+def forced() -> str | None:
+    """The backend forced here (innermost ``use_backend``, else ``VIDSTREAM_BACKEND``), or None."""
+    stack = _forced.get()
+    return stack[-1] if stack else _env_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run every vidstream op inside the block on backend ``name`` (an error where it can't).
+    Local to the calling thread / task."""
+    token = _forced.set(_forced.get() + (_check_name(name, "use_backend"),))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
 
 
 def _triton_mode() -> str | None:
@@ -54,8 +135,9 @@ def _triton_mode() -> str | None:
     return triton_kernels.mode()
 
 
-def _usable(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when ``backend`` can run ``op`` on tensors of this device and dtype here, else why not."""
+def usable(backend: str, op_name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when ``backend`` can run ``op_name`` on tensors of this device and dtype here, else why
+    not."""
     if backend == "reference":
         return None
     if dtype == torch.float64:
@@ -81,55 +163,9 @@ def _usable(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
     return "triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"
 
 
-def _available(op: str, device, dtype) -> list[str]:
-    return [b for b in _registry.get(op, {}) if _usable(b, op, device, dtype) is None]
-
-
-def resolve(op: str, x: torch.Tensor) -> Callable:
-    """The implementation of ``op`` for inputs like ``x``."""
-    impls = _registry[op]
-    chosen = _forced[-1] if _forced else _env_backend
-    if chosen is not None:
-        why = "it has no kernel for this op" if chosen not in impls else _usable(
-            chosen, op, x.device, x.dtype)
-        if why is not None:
-            avail = ", ".join(_available(op, x.device, x.dtype))
-            raise ValueError(
-                f"backend {chosen!r} cannot run vidstream.{op} on {x.dtype} {x.device.type} tensors: "
-                f"{why}. Available for these inputs: {avail}")
-        return impls[chosen].fn
-    return resolve_default(op, x)
-
-
-def resolve_default(op: str, x: torch.Tensor) -> Callable:
-    """The implementation the defaults pick for ``op`` on inputs like ``x``, whatever backend is
-    in force: for an op that composes another one the backend in force may not have."""
-    impls = _registry[op]
-    if x.device.type == "cuda":
-        for name in _GPU_PREFERENCE:
-            impl = impls.get(name)
-            if impl is not None and impl.gpu_validated and _usable(name, op, x.device, x.dtype) is None:
-                return impl.fn
-        return impls["reference"].fn
-    if "cpu" in impls and _usable("cpu", op, x.device, x.dtype) is None:
-        return impls["cpu"].fn
-    return impls["reference"].fn
-
-
-def backend_for(op: str, x: torch.Tensor) -> str:
-    """The name of the backend ``resolve`` picks (for reports and tests)."""
-    fn = resolve(op, x)
-    return next(name for name, impl in _registry[op].items() if impl.fn is fn)
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run every vidstream op inside the block on backend ``name`` (an error where it can't)."""
-    _forced.append(_check_name(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _forced.pop()
+def backend_for(op_name: str, x: torch.Tensor) -> str:
+    """The name of the backend that runs ``op_name`` on inputs like ``x`` (for reports and tests)."""
+    return _ops[op_name].resolve_name(x)
 
 
 def backends(device: str | torch.device | None = None) -> list[str]:
@@ -137,5 +173,5 @@ def backends(device: str | torch.device | None = None) -> list[str]:
     devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
         [torch.device("cuda")] if torch.cuda.is_available() else [])
     return [name for name in NAMES if any(
-        _usable(name, op, d, torch.float32) is None for d in devices for op in _registry
-        if name in _registry[op])]
+        usable(name, o.name, d, torch.float32) is None for d in devices for o in _ops.values()
+        if name in o.impls)]

@@ -1,7 +1,7 @@
-"""Triton kernel of rope3d_store_ (SPEC §6), registered with ``torch.library.triton_op`` as
+"""Triton kernel of rope3d_store_ (docs/spec.md §6), registered with ``torch.library.triton_op`` as
 ``vidstream::rope3d_store_triton_``: rotate a chunk's keys by the 3D RoPE at per-frame temporal
 positions and write keys and values into their pool slots. Angles come from float64 tables
-(``vidstream._rope_tables``); the kernel rotates in float32."""
+(``vidstream.ops.rope_math``); the kernel rotates in float32."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vidstream._rope_tables import band_omega, cos_sin, rope_bands, temporal_angles
+from vidstream.ops.rope_math import band_omega, cos_sin, rope_bands, temporal_angles
 
 from .rope3d import rope3d_cos_sin
 

@@ -6,7 +6,7 @@ from numerics import DTYPES, assert_close_to_oracle, backend_device_pairs, requi
 
 import vidstream
 from vidstream import reference
-from vidstream._rope_tables import rope_bands
+from vidstream.ops.rope_math import rope_bands
 
 # (head dim, heads, grid): token counts that are no multiple of any tile, one token, one head.
 SHAPES = [

@@ -1,4 +1,4 @@
-"""Public low-rank (latent) KV cache ops (SPEC §4) and the strategies behind the attention.
+"""The low-rank (latent) KV cache ops (docs/spec.md §4) and the strategies behind the attention.
 
 ``lowrank_cached_attention`` has three ways to attend over a latent cache:
 
@@ -18,16 +18,23 @@ Backends: ``cpu`` runs "tiled" and "absorb" as one fused C++ kernel and "decompr
 decompression + ``cached_attention``; ``triton`` runs "absorb" as a fused Triton latent-attention
 kernel and "decompress" as its Triton decompression + ``cached_attention``; ``cuda`` has
 ``lowrank_decompress`` only (no C++ CUDA attention op: on CUDA tensors the attention runs on the
-``triton`` backend). The GPU kernels are not yet validated on a GPU (opt-in).
+``triton`` backend). The GPU kernels are not yet validated on a GPU (opt-in). A strategy that
+composes ``cached_attention`` uses that op's implementation on the same backend.
+Kernels: ``csrc/{cpu,cuda}/lowrank.cpp``, ``csrc/kernels/lowrank.*``, ``triton_kernels/lowrank.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _extension, _validate, backend, reference
+from .. import _extension, backend
+from . import checks
+from .attention import CACHED_ATTENTION, cached_attention_eager, empty_attention, gather_tokens
+from .metadata import TokenRanges
 
 STRATEGIES = ("decompress", "absorb", "tiled")
+LOWRANK_DECOMPRESS = backend.op("lowrank_decompress")
+LOWRANK_CACHED_ATTENTION = backend.op("lowrank_cached_attention")
 
 
 def lowrank_decompress(c_pool: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, kv_ranges,
@@ -35,8 +42,8 @@ def lowrank_decompress(c_pool: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Ten
     """K [B, N, H, d_nope + d_r] and V [B, N, H, d_v] of the tokens in ``kv_ranges`` (in range
     order) from the latent pool ``c_pool`` [B, P, d_c] and the shared positional keys
     ``k_r_pool`` [B, P, d_r]."""
-    host = _validate.lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
-    return backend.resolve("lowrank_decompress", c_pool)(c_pool, w_uk, w_uv, host, k_r_pool)
+    ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
+    return LOWRANK_DECOMPRESS.resolve(c_pool)(c_pool, w_uk, w_uv, ranges, k_r_pool)
 
 
 def lowrank_cached_attention(q: torch.Tensor, c_pool: torch.Tensor, w_uk: torch.Tensor,
@@ -47,17 +54,48 @@ def lowrank_cached_attention(q: torch.Tensor, c_pool: torch.Tensor, w_uk: torch.
     returns ``out`` [B, Lq, H, d_v] (and the float32 ``lse`` [B, H, Lq] with ``return_lse``).
     ``strategy``: None (choose per shape), ``"decompress"``, ``"absorb"`` or ``"tiled"``; the
     reference backend ignores it (it is the definition)."""
-    host = _validate.lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
-    _validate.lowrank_query(q, c_pool, w_uk, w_uv, k_r_pool)
-    scale = _validate.scale_value(scale, q.shape[3])
+    ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
+    _check_lowrank_query(q, c_pool, w_uk, k_r_pool)
+    scale = checks.scale_value(scale, q.shape[3])
     if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be None or one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    return backend.resolve("lowrank_cached_attention", q)(
-        q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse, strategy)
+        checks.fail(f"strategy must be None or one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    return LOWRANK_CACHED_ATTENTION.resolve(q)(
+        q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy)
 
 
-def num_tokens(host_ranges: torch.Tensor) -> int:
-    return int((host_ranges[:, 1] - host_ranges[:, 0]).sum()) if host_ranges.shape[0] else 0
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool) -> TokenRanges:
+    checks.tensor(c_pool, "c_pool", 3, "[B, P, d_c]")
+    checks.floating(c_pool, "c_pool")
+    checks.tensor(w_uk, "w_uk", 3, "[H, d_c, d_nope]")
+    checks.tensor(w_uv, "w_uv", 3, "[H, d_c, d_v]")
+    checks.same("c_pool", c_pool, "w_uk", w_uk)
+    checks.same("c_pool", c_pool, "w_uv", w_uv)
+    d_c = c_pool.shape[2]
+    if w_uk.shape[1] != d_c:
+        checks.fail(f"w_uk must have shape [H, d_c={d_c}, d_nope], got {tuple(w_uk.shape)}")
+    if w_uv.shape[0] != w_uk.shape[0] or w_uv.shape[1] != d_c:
+        checks.fail(f"w_uv must have shape [H={w_uk.shape[0]}, d_c={d_c}, d_v], got "
+                    f"{tuple(w_uv.shape)}")
+    if k_r_pool is not None:
+        checks.tensor(k_r_pool, "k_r_pool", 3, "[B, P, d_r]")
+        checks.same("c_pool", c_pool, "k_r_pool", k_r_pool)
+        if k_r_pool.shape[:2] != c_pool.shape[:2]:
+            checks.fail(f"k_r_pool must have the batch and tokens of c_pool "
+                        f"{tuple(c_pool.shape[:2])}, got {tuple(k_r_pool.shape[:2])}")
+    return checks.ranges(kv_ranges, c_pool.shape[1], "kv_ranges", c_pool.device)
+
+
+def _check_lowrank_query(q, c_pool, w_uk, k_r_pool):
+    checks.tensor(q, "q", 4, "[B, Lq, H, d_nope + d_r]")
+    checks.same("c_pool", c_pool, "q", q)
+    d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
+    want = (c_pool.shape[0], w_uk.shape[0], w_uk.shape[2] + d_r)
+    if (q.shape[0], q.shape[2], q.shape[3]) != want:
+        checks.fail(f"q must have shape [B={want[0]}, Lq, H={want[1]}, d_nope + d_r = {want[2]}], "
+                    f"got {tuple(q.shape)}")
 
 
 def attention_flops(batch: int, queries: int, tokens: int, heads: int, d_c: int, d_nope: int,
@@ -100,63 +138,44 @@ def choose_strategy(backend_name: str, batch: int, queries: int, tokens: int, he
 # ----------------------------------------------------------------------------- implementations
 
 
-def _resolve_fallback(op: str, x: torch.Tensor):
-    """``backend.resolve(op, x)``; where the backend in force has no kernel for ``op`` (say the
-    triton backend forced while cached_attention has only the reference), the default choice
-    for ``x`` instead, so a strategy can always reach the attention it composes with."""
-    try:
-        return backend.resolve(op, x)
-    except ValueError:
-        return backend.resolve_default(op, x)
+def _attend(backend_name, q, k, v, scale, return_lse):
+    """cached_attention over all of k, v ([B, N, H_kv, *]) on ``backend_name`` (None: the backend
+    that runs it here)."""
+    whole = TokenRanges.trusted([(0, k.shape[1])], q.device)
+    fn = CACHED_ATTENTION.resolve(q) if backend_name is None else CACHED_ATTENTION.impl(backend_name)
+    return fn(q, k, v, whole, scale, return_lse)
 
 
-def _whole(n: int) -> torch.Tensor:
-    return torch.tensor([[0, n]], dtype=torch.int32)
-
-
-def _attend(q, k, v, scale, return_lse):
-    """cached_attention over all of k, v ([B, N, H_kv, *])."""
-    return _resolve_fallback("cached_attention", q)(q, k, v, _whole(k.shape[1]), scale, return_lse)
-
-
-def _token_index(host: torch.Tensor, device) -> torch.Tensor:
-    idx = [torch.arange(int(s), int(e), dtype=torch.int32) for s, e in host.tolist()]
-    idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int32)
-    return idx.to(device)
-
-
-def _absorbed(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
+def _absorbed(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, backend_name=None):
     """Strategy "absorb" composed from two small products and cached_attention with one kv head
     (head dim d_c + d_r, values d_c). The products run in float32 (float64 for float64) and round
     once to q's dtype: in 16 bits that rounding of q_lat shifts all scores of a query alike, so
     the log-sum-exp errs up to ~2.5x eager PyTorch (the Triton kernel attends a hi + lo split
-    instead). The spelling of strategy (b) with the public cached_attention; no backend routes
-    16-bit inputs here."""
+    instead). The spelling of strategy (b) with cached_attention of ``backend_name``; no backend
+    routes 16-bit inputs here."""
     d_nope = w_uk.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].to(cdt), w_uk.to(cdt)).to(q.dtype)
     q_a = torch.cat([q_lat, q[..., d_nope:]], dim=-1)
-    idx = _token_index(host, c_pool.device).long()
+    idx = ranges.token_index(c_pool.device)
     c = c_pool.index_select(1, idx)
     k_a = torch.cat([c, k_r_pool.index_select(1, idx)], dim=-1) if k_r_pool is not None else c
-    res = _attend(q_a, k_a.unsqueeze(2), c.unsqueeze(2), scale, return_lse)
+    res = _attend(backend_name, q_a, k_a.unsqueeze(2), c.unsqueeze(2), scale, return_lse)
     o_lat = res[0] if return_lse else res
     out = torch.einsum("bqhc,hcv->bqhv", o_lat.to(cdt), w_uv.to(cdt)).to(q.dtype)
     return (out, res[1]) if return_lse else out
 
 
-def _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
+def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse):
     """Strategy "absorb" with the fused Triton latent attention: the latent tile is read once
     per query block as key and value, for all heads at once."""
-    from .triton_kernels import lowrank as kernels
+    from ..triton_kernels import lowrank as kernels
 
     B, Lq, H, _ = q.shape
     d_nope = w_uk.shape[2]
-    idx = _token_index(host, c_pool.device)
-    if idx.numel() == 0:
-        out = q.new_zeros(B, Lq, H, w_uv.shape[2])
-        lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
-        return (out, lse) if return_lse else out
+    if ranges.num_tokens == 0:
+        return empty_attention(q, w_uv.shape[2], return_lse)
+    idx = ranges.token_index(c_pool.device).to(torch.int32)
     q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float())
     q_lat = q_lat.reshape(B, Lq * H, -1)
     hi = q_lat.to(q.dtype)
@@ -168,22 +187,56 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse):
     return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 
 
-def _decompress_native(c_pool, w_uk, w_uv, host, k_r_pool):
-    return torch.ops.vidstream.lowrank_decompress(c_pool, w_uk, w_uv, host, num_tokens(host),
-                                                  k_r_pool)
+def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
+    c = gather_tokens(c_pool, ranges)  # [B, N, d_c]
+    k = torch.einsum("bnc,hcd->bnhd", c, w_uk)
+    v = torch.einsum("bnc,hcd->bnhd", c, w_uv)
+    if k_r_pool is not None:
+        k_r = gather_tokens(k_r_pool, ranges)
+        k = torch.cat([k, k_r[:, :, None, :].expand(-1, -1, w_uk.shape[0], -1)], dim=-1)
+    return k, v
 
 
-def _decompress_triton(c_pool, w_uk, w_uv, host, k_r_pool):
-    from .triton_kernels import lowrank as kernels
+def lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse,
+                                   strategy=None):
+    """The definition (any ``strategy`` is the same thing): decompress, then attend."""
+    k, v = lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
+    whole = TokenRanges.trusted([(0, k.shape[1])], q.device)
+    return cached_attention_eager(q, k, v, whole, scale, return_lse)
 
-    return kernels.lowrank_decompress_triton(c_pool, w_uk, w_uv, _token_index(host, c_pool.device),
-                                             k_r_pool)
+
+def lowrank_decompress_reference(c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None):
+    """``lowrank_decompress`` computed eagerly (the oracle)."""
+    ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
+    return lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
+
+
+def lowrank_cached_attention_reference(q, c_pool, w_uk, w_uv, kv_ranges, *, k_r_pool=None,
+                                       scale=None, return_lse=False):
+    """``lowrank_cached_attention`` computed eagerly (the oracle)."""
+    ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
+    _check_lowrank_query(q, c_pool, w_uk, k_r_pool)
+    scale = checks.scale_value(scale, q.shape[3])
+    return lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale,
+                                          return_lse)
+
+
+def _decompress_native(c_pool, w_uk, w_uv, ranges, k_r_pool):
+    return torch.ops.vidstream.lowrank_decompress(c_pool, w_uk, w_uv, ranges.tensor,
+                                                  ranges.num_tokens, k_r_pool)
+
+
+def _decompress_triton(c_pool, w_uk, w_uv, ranges, k_r_pool):
+    from ..triton_kernels import lowrank as kernels
+
+    return kernels.lowrank_decompress_triton(
+        c_pool, w_uk, w_uv, ranges.token_index(c_pool.device).to(torch.int32), k_r_pool)
 
 
 def _attention(backend_name: str, decompress):
-    def run(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse, strategy):
+    def run(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy):
         if strategy is None:
-            strategy = choose_strategy(backend_name, q.shape[0], q.shape[1], num_tokens(host),
+            strategy = choose_strategy(backend_name, q.shape[0], q.shape[1], ranges.num_tokens,
                                        w_uk.shape[0], w_uk.shape[1], w_uk.shape[2],
                                        0 if k_r_pool is None else k_r_pool.shape[2], w_uv.shape[2])
         if backend_name == "cuda" and strategy == "absorb":
@@ -192,23 +245,18 @@ def _attention(backend_name: str, decompress):
             # past the 2x-eager bound. Decompress instead.
             strategy = "decompress"
         if strategy == "decompress":
-            k, v = decompress(c_pool, w_uk, w_uv, host, k_r_pool)
-            return _attend(q, k, v, scale, return_lse)
+            k, v = decompress(c_pool, w_uk, w_uv, ranges, k_r_pool)
+            return _attend(backend_name, q, k, v, scale, return_lse)
         if backend_name == "cpu":  # "absorb" and "tiled" are the fused C++ kernel
             out, lse = torch.ops.vidstream.lowrank_cached_attention(
-                q, c_pool, w_uk, w_uv, host, k_r_pool, scale, strategy == "absorb")
+                q, c_pool, w_uk, w_uv, ranges.tensor, k_r_pool, scale, strategy == "absorb")
             return (out, lse) if return_lse else out
         if strategy == "absorb":
-            return _absorbed_triton(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse)
-        raise ValueError(f"strategy 'tiled' runs on the cpu backend only; the {backend_name} "
-                         "backend has 'decompress' and 'absorb'")
+            return _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse)
+        checks.fail(f"strategy 'tiled' runs on the cpu backend only; the {backend_name} "
+                    "backend has 'decompress' and 'absorb'")
 
     return run
-
-
-def _reference_attention(q, c_pool, w_uk, w_uv, host, k_r_pool, scale, return_lse, strategy):
-    return reference._lowrank_cached_attention(q, c_pool, w_uk, w_uv, host, k_r_pool, scale,
-                                               return_lse)
 
 
 @_extension.register_fake("lowrank_decompress")
@@ -225,11 +273,11 @@ def _attention_fake(q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None, scale=1.0, 
     return q.new_empty(B, Lq, H, w_uv.shape[2]), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-backend.register("lowrank_decompress", "reference", reference._lowrank_decompress)
-backend.register("lowrank_decompress", "cpu", _decompress_native)
-backend.register("lowrank_decompress", "cuda", _decompress_native)
-backend.register("lowrank_decompress", "triton", _decompress_triton)
-backend.register("lowrank_cached_attention", "reference", _reference_attention)
-backend.register("lowrank_cached_attention", "cpu", _attention("cpu", _decompress_native))
-backend.register("lowrank_cached_attention", "cuda", _attention("cuda", _decompress_native))
-backend.register("lowrank_cached_attention", "triton", _attention("triton", _decompress_triton))
+LOWRANK_DECOMPRESS.register("reference", lowrank_decompress_eager)
+LOWRANK_DECOMPRESS.register("cpu", _decompress_native)
+LOWRANK_DECOMPRESS.register("cuda", _decompress_native)
+LOWRANK_DECOMPRESS.register("triton", _decompress_triton)
+LOWRANK_CACHED_ATTENTION.register("reference", lowrank_cached_attention_eager)
+LOWRANK_CACHED_ATTENTION.register("cpu", _attention("cpu", _decompress_native))
+LOWRANK_CACHED_ATTENTION.register("cuda", _attention("cuda", _decompress_native))
+LOWRANK_CACHED_ATTENTION.register("triton", _attention("triton", _decompress_triton))

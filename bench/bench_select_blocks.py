@@ -1,4 +1,4 @@
-"""Top-k mid-block selection (SPEC §5) at PackForcing's shape: fused kernels against the eager
+"""Top-k mid-block selection (docs/spec.md §5) at PackForcing's shape: fused kernels against the eager
 way (materialised scores), with and without cached per-block key sums, and as a fraction of one
 layer's attention over the 27,872-token context.
 

@@ -1,4 +1,4 @@
-"""rope3d_store_ (SPEC §6 cache write): every backend against the float64 reference, poisoned
+"""rope3d_store_ (docs/spec.md §6 cache write): every backend against the float64 reference, poisoned
 pools, untouched tokens, opcheck, bad inputs."""
 
 import pytest
@@ -117,13 +117,13 @@ def test_opcheck_cpu():
 
 def test_triton_op_schema_and_fake():
     pytest.importorskip("triton")
-    from vidstream.triton_kernels import kv_store
+    from vidstream.triton_kernels import rope3d_store
 
     kp, vp = torch.zeros(1, 8, 1, 4), torch.zeros(1, 8, 1, 4)
     k, v = torch.randn(1, 4, 1, 4), torch.randn(1, 4, 1, 4)
     args = (kp, vp, k, v, torch.tensor([4], dtype=torch.int32), torch.tensor([1.0], dtype=torch.float64),
             2, 2, 10000.0, None)
-    torch.library.opcheck(kv_store.rope3d_store_triton_, args,
+    torch.library.opcheck(rope3d_store.rope3d_store_triton_, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 

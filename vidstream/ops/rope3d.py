@@ -1,0 +1,258 @@
+"""The 3D RoPE ops (docs/spec.md §3, §6): ``rope3d``; the in-place temporal re-rotation
+``rope3d_shift_``, which moves cached keys without recomputing them; and ``rope3d_store_``, the
+streaming cache's write (rotate a chunk's keys at given frame positions and write keys and values
+into their pool slots in one pass, instead of ``rope3d`` and two index copies).
+
+Each op: its public function, its input checks, its eager reference, the fake of its C++ op and
+its registrations. Kernels: ``csrc/{cpu,cuda}/rope3d*.cpp``, ``csrc/kernels/rope3d*``,
+``triton_kernels/rope3d*.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension, backend
+from . import checks
+from .metadata import FrameSlots, TokenRanges
+from .rope_math import rope_angles, rope_bands, rotate_pairs, temporal_angles
+
+ROPE3D = backend.op("rope3d")
+ROPE3D_SHIFT = backend.op("rope3d_shift_")
+ROPE3D_STORE = backend.op("rope3d_store_")
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
+           t_theta: torch.Tensor | None = None) -> torch.Tensor:
+    """Wan2.1 3D rotary embedding of ``x`` [B, L, H, D] whose tokens lie on the frame-major
+    ``grid`` = (F, h, w); token frames are ``frame_offset + t``. ``t_theta`` [H] gives each head
+    its own temporal theta. Returns a new tensor."""
+    _check_rope3d(x, grid, t_theta, theta, frame_offset)
+    return ROPE3D.resolve(x)(x, tuple(grid), frame_offset, theta, t_theta)
+
+
+def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 10000.0,
+                  t_theta: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: multiply the temporal pairs of every token of ``ranges[r]`` by
+    ``exp(i * delta_frames[r] * omega_t)``, moving those keys by ``delta_frames[r]`` frames.
+    Height/width channels and tokens outside the ranges are left untouched. ``ranges``: int
+    [R, 2], pairs, or prepared ``TokenRanges``. Returns ``k_pool``."""
+    rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
+    ROPE3D_SHIFT.resolve(k_pool)(k_pool, rng, delta, theta, t_theta)
+    return k_pool
+
+
+def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  frame_slots, frame_pos=None, *, grid, theta: float = 10000.0,
+                  t_theta: torch.Tensor | None = None):
+    """In place: ``k`` [B, L, H_kv, D] on the token ``grid`` (F, h, w), frame ``f`` at temporal
+    position ``frame_pos[f]`` (float, any value), is rotated by the Wan2.1 3D RoPE and written with
+    ``v`` [B, L, H_kv, Dv] to pool tokens ``[frame_slots[f], frame_slots[f] + h*w)`` of ``k_pool``
+    [B, P, H_kv, D] and ``v_pool`` [B, P, H_kv, Dv]. Slots must lie in the pool and not overlap.
+    Equals ``rope3d(k, grid=grid, frame_offset=a)`` written frame by frame when
+    ``frame_pos = a + arange(F)``. ``frame_slots`` may be prepared ``FrameSlots`` (which carry the
+    positions; ``frame_pos`` is then None). Returns ``(k_pool, v_pool)``."""
+    slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
+    ROPE3D_STORE.resolve(k_pool)(k_pool, v_pool, k, v, slots, tuple(grid), theta, t_theta)
+    return k_pool, v_pool
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_rope3d(x, grid, tt, theta, frame_offset):
+    checks.rope_input(x, "x")
+    checks.grid3(grid, x.shape[1])
+    checks.t_theta(tt, x.shape[2])
+    checks.rope_params(theta, frame_offset)
+
+
+def _check_rope3d_shift(k_pool, rng, delta_frames, tt, theta) -> tuple[TokenRanges, torch.Tensor]:
+    """(ranges on k_pool's device, delta_frames float64 [R] on the CPU)."""
+    checks.rope_input(k_pool, "k_pool")
+    rng = checks.ranges(rng, k_pool.shape[1], "ranges", k_pool.device)
+    delta = checks.positions(delta_frames, len(rng), "delta_frames", "R")
+    checks.t_theta(tt, k_pool.shape[2])
+    checks.rope_params(theta)
+    return rng, delta
+
+
+def _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt, theta) -> FrameSlots:
+    checks.rope_input(k_pool, "k_pool")
+    checks.rope_input(k, "k")
+    checks.tensor(v_pool, "v_pool", 4, "[B, P, H_kv, Dv]")
+    checks.tensor(v, "v", 4, "[B, L, H_kv, Dv]")
+    for name, t in (("v_pool", v_pool), ("k", k), ("v", v)):
+        checks.same("k_pool", k_pool, name, t)
+    if k.shape[0] != k_pool.shape[0] or v.shape[0] != k_pool.shape[0] or v_pool.shape[0] != k_pool.shape[0]:
+        checks.fail(f"batch sizes differ: k_pool {k_pool.shape[0]}, v_pool {v_pool.shape[0]}, "
+                    f"k {k.shape[0]}, v {v.shape[0]}")
+    if tuple(k.shape[2:]) != tuple(k_pool.shape[2:]):
+        checks.fail(f"k must have the heads and head dim of k_pool {tuple(k_pool.shape[2:])}, "
+                    f"got {tuple(k.shape[2:])}")
+    if tuple(v_pool.shape[1:3]) != tuple(k_pool.shape[1:3]):
+        checks.fail(f"v_pool must have the tokens and heads of k_pool {tuple(k_pool.shape[1:3])}, "
+                    f"got {tuple(v_pool.shape[1:3])}")
+    if v.shape[1] != k.shape[1] or tuple(v.shape[2:]) != tuple(v_pool.shape[2:]):
+        checks.fail(f"v must have shape [B, L={k.shape[1]}, {v_pool.shape[2]}, {v_pool.shape[3]}], "
+                    f"got {tuple(v.shape)}")
+    checks.grid3(grid, k.shape[1])
+    checks.t_theta(tt, k.shape[2])
+    checks.rope_params(theta)
+    F, h, w = grid
+    if isinstance(frame_slots, FrameSlots):
+        return _prepared_slots(frame_slots, frame_pos, F, h * w, k_pool)
+    slots = frame_slots.detach().to("cpu") if isinstance(frame_slots, torch.Tensor) else (
+        torch.tensor(list(frame_slots), dtype=torch.int64))
+    if slots.dim() != 1 or slots.shape[0] != F or slots.is_floating_point():
+        checks.fail(f"frame_slots must be an int tensor [F] = [{F}], got {tuple(slots.shape)} "
+                    f"{slots.dtype}")
+    if frame_pos is None:
+        checks.fail("frame_pos must be given (float [F]) unless frame_slots are prepared FrameSlots")
+    pos = checks.positions(frame_pos, F, "frame_pos", "F")
+    hw = h * w
+    slots = slots.long()
+    bad = (slots < 0) | (slots + hw > k_pool.shape[1])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        checks.fail(f"frame_slots[{i}] = {int(slots[i])} must satisfy 0 <= slot and slot + h*w "
+                    f"({hw}) <= {k_pool.shape[1]}")
+    srt = torch.sort(slots).values
+    if srt.shape[0] > 1 and bool((srt[1:] - srt[:-1] < hw).any()):
+        checks.fail(f"frame_slots must not overlap: two slots are closer than h*w = {hw}: "
+                    f"{slots.tolist()}")
+    return FrameSlots(slots.to(k_pool.device, torch.int32).contiguous(), tuple(slots.tolist()), pos)
+
+
+def _prepared_slots(s: FrameSlots, frame_pos, frames: int, hw: int, k_pool) -> FrameSlots:
+    if frame_pos is not None:
+        checks.fail("frame_pos must be None when frame_slots are prepared FrameSlots (they carry "
+                    "the positions)")
+    if len(s) != frames:
+        checks.fail(f"frame_slots must have one slot per frame ([F] = [{frames}]), got {len(s)}")
+    if s.tensor.device != k_pool.device:
+        checks.fail(f"frame_slots (prepared FrameSlots) must be on {k_pool.device}, got "
+                    f"{s.tensor.device}")
+    if s.slots is not None and s.slots and max(s.slots) + hw > k_pool.shape[1]:
+        checks.fail(f"frame_slots reach token {max(s.slots) + hw}, past the pool of "
+                    f"{k_pool.shape[1]} tokens")
+    return s
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rope3d_eager(x, grid, frame_offset, theta, t_theta):
+    ang = rope_angles(grid, x.shape[3], frame_offset, theta, t_theta, x.device)  # [L, Ht, c]
+    return rotate_pairs(x, ang[None])
+
+
+def rope3d_shift_eager_(k_pool, ranges: TokenRanges, delta_frames, theta, t_theta):
+    c_t = rope_bands(k_pool.shape[3])[0]
+    angles = temporal_angles(delta_frames.to(k_pool.device, torch.float64), c_t, theta, t_theta)
+    for r, (s, e) in enumerate(ranges._host()):
+        if s < e:
+            band = k_pool[:, s:e, :, : 2 * c_t]
+            band.copy_(rotate_pairs(band, angles[r]))
+    return k_pool
+
+
+def rope3d_store_eager_(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_theta):
+    F, h, w = grid
+    hw = h * w
+    # Positions (frame_pos[f], row, column) via the rope3d angles at offset 0 plus a per-frame
+    # temporal term, so integer positions give exactly rope3d's angles.
+    ang = rope_angles((F, h, w), k.shape[3], 0.0, theta, t_theta, k.device)  # [L, Ht, c]
+    c_t = rope_bands(k.shape[3])[0]
+    pos = slots.positions.to(k.device, torch.float64).repeat_interleave(hw)
+    t_ang = temporal_angles(pos, c_t, theta, t_theta)  # [L, Ht, c_t]
+    ang = torch.cat([t_ang.expand(-1, ang.shape[1], -1), ang[:, :, c_t:]], dim=-1)
+    k_rot = rotate_pairs(k, ang[None])
+    host = slots.slots if slots.slots is not None else tuple(slots.tensor.tolist())
+    for f, s in enumerate(host):
+        k_pool[:, s:s + hw] = k_rot[:, f * hw:(f + 1) * hw]
+        v_pool[:, s:s + hw] = v[:, f * hw:(f + 1) * hw]
+    return k_pool, v_pool
+
+
+def rope3d_reference(x, *, grid, frame_offset=0, theta=10000.0, t_theta=None):
+    """``rope3d`` computed eagerly (the oracle)."""
+    _check_rope3d(x, grid, t_theta, theta, frame_offset)
+    return rope3d_eager(x, tuple(grid), frame_offset, theta, t_theta)
+
+
+def rope3d_shift_reference_(k_pool, ranges, delta_frames, *, theta=10000.0, t_theta=None):
+    """``rope3d_shift_`` computed eagerly (the oracle)."""
+    rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
+    return rope3d_shift_eager_(k_pool, rng, delta, theta, t_theta)
+
+
+def rope3d_store_reference_(k_pool, v_pool, k, v, frame_slots, frame_pos=None, *, grid,
+                            theta=10000.0, t_theta=None):
+    """``rope3d_store_`` computed eagerly (the oracle)."""
+    slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
+    return rope3d_store_eager_(k_pool, v_pool, k, v, slots, tuple(grid), theta, t_theta)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _rope3d_native(x, grid, frame_offset, theta, t_theta):
+    return torch.ops.vidstream.rope3d(x, *grid, float(frame_offset), float(theta), t_theta)
+
+
+def _rope3d_shift_native(k_pool, ranges, delta, theta, t_theta):
+    torch.ops.vidstream.rope3d_shift_(k_pool, ranges.tensor, delta, float(theta), t_theta)
+
+
+def _rope3d_store_native(k_pool, v_pool, k, v, slots, grid, theta, t_theta):
+    torch.ops.vidstream.rope3d_store_(k_pool, v_pool, k, v, slots.tensor, slots.positions, grid[1],
+                                      grid[2], float(theta), t_theta)
+
+
+def _rope3d_triton(x, grid, frame_offset, theta, t_theta):
+    from ..triton_kernels import rope3d as kernels
+
+    return kernels.rope3d_triton(x, *grid, float(frame_offset), float(theta), t_theta)
+
+
+def _rope3d_shift_triton(k_pool, ranges, delta, theta, t_theta):
+    from ..triton_kernels import rope3d as kernels
+
+    kernels.rope3d_shift_triton_(k_pool, ranges.tensor, delta, float(theta), t_theta, ranges.max_len)
+
+
+def _rope3d_store_triton(k_pool, v_pool, k, v, slots, grid, theta, t_theta):
+    from ..triton_kernels import rope3d_store as kernels
+
+    kernels.rope3d_store_triton_(k_pool, v_pool, k, v, slots.tensor, slots.positions, grid[1],
+                                 grid[2], float(theta), t_theta)
+
+
+@_extension.register_fake("rope3d")
+def _rope3d_fake(x, frames, height, width, frame_offset=0.0, theta=10000.0, t_theta=None):
+    return torch.empty_like(x)
+
+
+@_extension.register_fake("rope3d_shift_")
+def _rope3d_shift_fake(k_pool, ranges, delta_frames, theta=10000.0, t_theta=None):
+    return None
+
+
+@_extension.register_fake("rope3d_store_")
+def _rope3d_store_fake(k_pool, v_pool, k, v, frame_slots, frame_pos, height, width, theta=10000.0,
+                       t_theta=None):
+    return None
+
+
+for _op, _eager, _native, _triton in (
+        (ROPE3D, rope3d_eager, _rope3d_native, _rope3d_triton),
+        (ROPE3D_SHIFT, rope3d_shift_eager_, _rope3d_shift_native, _rope3d_shift_triton),
+        (ROPE3D_STORE, rope3d_store_eager_, _rope3d_store_native, _rope3d_store_triton)):
+    _op.register("reference", _eager)
+    _op.register("cpu", _native)
+    _op.register("cuda", _native)
+    _op.register("triton", _triton)

@@ -1,0 +1,216 @@
+"""Top-k mid-block selection (docs/spec.md §5): ``select_blocks``, the scores behind it
+(``block_scores``) and the per-block key sums a cache can keep (``block_key_sums``).
+
+Every backend returns (scores float32 [M], indices int64 [min(k, M)]); the public function keeps
+the indices. The kernels never form ``QK^T``: ``"mean"`` factorises as
+``sum_i q_i · sum_j k_j``, ``"max"`` needs one dot product per key with the mean sampled query.
+Kernels: ``csrc/{cpu,cuda}/select_blocks.cpp``, ``csrc/kernels/select_blocks.*``,
+``triton_kernels/select_blocks.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension, backend
+from . import checks
+from .metadata import TokenRanges
+
+SELECT_BLOCKS = backend.op("select_blocks")
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *,
+                  query_stride: int = 8, heads=None, score: str = "mean",
+                  scale: float | None = None,
+                  block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (int64 [min(k, M)], ascending) of the ``k`` blocks of ``block_ranges`` [M, 2]
+    whose keys have the highest affinity with every ``query_stride``-th query of ``q``
+    [B, Lq, H, D] on the query ``heads`` (default the first half). Ties go to the smaller block
+    index.
+
+    ``block_key_sums`` [M, H_kv, D] (batch 1) or [B, M, H_kv, D], any float dtype (float32
+    recommended): the sum over each block's tokens of its keys, as a cache can keep it when it
+    writes a block (``block_key_sums(k_pool, block_ranges)`` or ``k_block.sum(1)``). With it,
+    ``score="mean"`` costs O(M * H * D) and does not read the keys; ``score="max"`` needs every
+    key and ignores it (it is still checked). Indices are not differentiable."""
+    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads,
+                                               score, block_key_sums)
+    scale = checks.scale_value(scale, q.shape[3])
+    fn = SELECT_BLOCKS.resolve(q)
+    return fn(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
+
+
+def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_stride: int = 8,
+                 heads=None, score: str = "mean", scale: float | None = None,
+                 block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores s_m [M] that ``select_blocks`` ranks, float32 from a kernel; the reference
+    backend gives them in q's dtype."""
+    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, 0, query_stride, heads,
+                                               score, block_key_sums)
+    scale = checks.scale_value(scale, q.shape[3])
+    fn = SELECT_BLOCKS.resolve(q)
+    return fn(q, k_pool, blocks, 0, query_stride, heads, score, scale, sums)[0]
+
+
+def block_key_sums(k_pool: torch.Tensor, block_ranges) -> torch.Tensor:
+    """float32 [B, M, H_kv, D]: the sum of the keys of each block of ``block_ranges`` (float64
+    for float64 keys). A cache computes this once when it writes a block (``k_block.sum(1,
+    dtype=torch.float32)`` is the same thing for one block). One plain reduction per block, so
+    equal blocks get bitwise-equal sums on every device (no atomics)."""
+    checks.tensor(k_pool, "k_pool", 4, "[B, P, H_kv, D]")
+    checks.floating(k_pool, "k_pool")
+    blocks = checks.ranges(block_ranges, k_pool.shape[1], "block_ranges", k_pool.device)
+    acc = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+    B, _, H_kv, D = k_pool.shape
+    out = torch.zeros(B, len(blocks), H_kv, D, dtype=acc, device=k_pool.device)
+    for m, (s, e) in enumerate(blocks._host()):
+        if e > s:
+            out[:, m] = k_pool[:, s:e].sum(1, dtype=acc)
+    return out
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
+                         block_key_sums=None) -> tuple:
+    """(block ranges on q's device, the list of query heads, the key sums as [B, M, H_kv, D] or
+    None)."""
+    checks.tensor(q, "q", 4, "[B, Lq, H, D]")
+    checks.tensor(k_pool, "k_pool", 4, "[B, P, H_kv, D]")
+    checks.floating(q, "q")
+    checks.same("q", q, "k_pool", k_pool)
+    if k_pool.shape[0] != q.shape[0] or k_pool.shape[3] != q.shape[3]:
+        checks.fail(f"k_pool must have q's batch and head dim ({q.shape[0]}, {q.shape[3]}), "
+                    f"got ({k_pool.shape[0]}, {k_pool.shape[3]})")
+    checks.gqa(q.shape[2], k_pool.shape[2], "k_pool")
+    blocks = checks.ranges(block_ranges, k_pool.shape[1], "block_ranges", q.device)
+    checks.positive_int(k, "k", minimum=0)
+    checks.positive_int(query_stride, "query_stride")
+    if score not in ("mean", "max"):
+        checks.fail(f"score must be 'mean' or 'max', got {score!r}")
+    H = q.shape[2]
+    if heads is None:
+        heads = list(range(max(1, H // 2)))
+    else:
+        heads = list(heads)
+        if any(isinstance(h, bool) or not isinstance(h, int) for h in heads):
+            checks.fail(f"heads must be a list of ints, got {heads}")
+        if not heads or any(h < 0 or h >= H for h in heads) or len(set(heads)) != len(heads):
+            checks.fail(f"heads must be distinct query head indices in [0, {H}), got {heads}")
+    if q.shape[1] == 0:
+        checks.fail("q must have at least one query token (Lq >= 1)")
+    sums = None
+    if block_key_sums is not None:
+        sums = _check_key_sums(block_key_sums, q.shape[0], len(blocks), k_pool.shape[2],
+                               q.shape[3], q.device)
+    return blocks, heads, sums
+
+
+def _check_key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
+    """Per-block key sums [M, H_kv, D] (batch 1) or [B, M, H_kv, D]; returned as 4-D."""
+    want = f"[M, H_kv, D] = [{blocks}, {kv_heads}, {head_dim}] (batch 1) or [B, M, H_kv, D] = " \
+           f"[{batch}, {blocks}, {kv_heads}, {head_dim}]"
+    if not isinstance(s, torch.Tensor):
+        checks.fail(f"block_key_sums must be a tensor {want}, got {type(s).__name__}")
+    if s.dim() == 3 and batch == 1:
+        s = s.unsqueeze(0)
+    if tuple(s.shape) != (batch, blocks, kv_heads, head_dim):
+        checks.fail(f"block_key_sums must have shape {want}, got {tuple(s.shape)}")
+    checks.floating(s, "block_key_sums")
+    if s.device != device:
+        checks.fail(f"block_key_sums must be on the device of q ({device}), got {s.device}")
+    return s
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, score, scale,
+                       key_sums=None):
+    """Scores s_m [M] in q's dtype. ``key_sums`` [B, M, H_kv, D] stands in for the keys of each
+    block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it."""
+    H, H_kv = q.shape[2], k_pool.shape[2]
+    heads_t = torch.tensor(heads, device=q.device)
+    kv_t = heads_t // (H // H_kv)
+    qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D]
+    ks = k_pool[:, :, kv_t]  # [B, P, Hs, D]
+    scores = []
+    for m, (s, e) in enumerate(blocks._host()):
+        kb = ks[:, s:e]
+        if score == "mean" and key_sums is not None:
+            ksum = key_sums[:, m][:, kv_t].to(q.dtype)  # [B, Hs, D]
+            scores.append((torch.einsum("bihd,bhd->bhi", qs, ksum) * scale).mean())
+        elif score == "mean":
+            dots = torch.einsum("bihd,bjhd->bhij", qs, kb) * scale
+            scores.append(dots.sum(-1).mean())
+        elif e == s:
+            scores.append(torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+        else:
+            qbar = qs.mean(1)  # [B, Hs, D]
+            dots = torch.einsum("bhd,bjhd->bhj", qbar, kb) * scale
+            scores.append(dots.amax(-1).mean())
+    return torch.stack(scores) if scores else q.new_zeros(0)
+
+
+def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ascending, on the CPU) of the ``k`` largest ``scores``; equal scores go to
+    the smaller index."""
+    # A stable descending sort puts the smaller index first among equal scores.
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+    s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
+    return s, topk_ascending(s, k).to(q.device)
+
+
+def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads=None,
+                            score="mean", scale=None, block_key_sums=None):
+    """``select_blocks`` computed eagerly (the oracle)."""
+    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads,
+                                               score, block_key_sums)
+    scale = checks.scale_value(scale, q.shape[3])
+    return select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
+
+
+def block_scores_reference(q, k_pool, block_ranges, *, query_stride=8, heads=None, score="mean",
+                           scale=None, block_key_sums=None):
+    """``block_scores`` computed eagerly (the oracle), in q's dtype."""
+    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, 0, query_stride, heads,
+                                               score, block_key_sums)
+    scale = checks.scale_value(scale, q.shape[3])
+    return block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _native(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+    return torch.ops.vidstream.select_blocks(q, k_pool, blocks.tensor, k, query_stride,
+                                             heads, score, scale, sums)
+
+
+def _triton(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+    from ..triton_kernels import select_blocks as kernels
+
+    return kernels.select_blocks_triton(q, k_pool, blocks.tensor, k, query_stride, heads,
+                                        score, scale, sums)
+
+
+@_extension.register_fake("select_blocks")
+def _select_blocks_fake(q, k_pool, block_ranges, k, query_stride, heads, score, scale,
+                        block_key_sums=None):
+    M = block_ranges.shape[0]
+    return (q.new_empty(M, dtype=torch.float32),
+            q.new_empty(min(k, M), dtype=torch.int64))
+
+
+SELECT_BLOCKS.register("reference", select_blocks_eager)
+SELECT_BLOCKS.register("cpu", _native)
+SELECT_BLOCKS.register("cuda", _native)
+SELECT_BLOCKS.register("triton", _triton)
