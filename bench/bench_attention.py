@@ -141,8 +141,9 @@ def _bench_cached_context(cfg, ctx, label, device, dtype, reps, backend, peers):
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # SDPA's own layout
     mask = keep[None, :].expand(lq, pool)
     if "eager" in peers:
-        t["eager"] = _measure("eager", lambda: reference._cached_attention(
-            q, k, v, kr, D**-0.5, False), device, reps)
+        prepared = vidstream.TokenRanges.trusted(ranges, device)
+        t["eager"] = _measure("eager", lambda: reference.cached_attention(q, k, v, prepared), device,
+                              reps)
     if "sdpa" in peers:
         t["sdpa_mask"] = _measure("sdpa", lambda: F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=mask), device, reps)
@@ -173,8 +174,7 @@ def bench_full(cfg, device, dtype, reps, backend, peers):
     t = _ours(backend, lambda: vidstream.chunk_attention(q, k, v, **kw), device, reps)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     if "eager" in peers:
-        t["eager"] = _measure("eager", lambda: reference._chunk_attention(
-            q, k, v, ft, cf, sink, window, D**-0.5, False), device, reps)
+        t["eager"] = _measure("eager", lambda: reference.chunk_attention(q, k, v, **kw), device, reps)
     if "sdpa" in peers:
         t["sdpa_mask"] = _measure("sdpa", lambda: F.scaled_dot_product_attention(
             qt, kt, vt, attn_mask=mask), device, reps)

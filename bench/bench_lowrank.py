@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
-from vidstream import backend  # noqa: E402
-from vidstream.lowrank import STRATEGIES, attention_flops, choose_strategy  # noqa: E402
-from vidstream.lowrank_kv import LowRankKV, reconstruction_error  # noqa: E402
+from vidstream import testing  # noqa: E402
+from vidstream.ops.lowrank import STRATEGIES, attention_flops, choose_strategy  # noqa: E402
+from vidstream.streaming.lowrank_kv import LowRankKV, reconstruction_error  # noqa: E402
 
 HEADS, HEAD_DIM, DIM, LAYERS = 12, 128, 1536, 30
 D_C, D_R = 192, 32
@@ -111,7 +111,7 @@ def attention_rows(args, device, dtype, Lq, N, backends):
         for be in backends:
             fns[f"lowrank_decompress [{be}]"] = _forced(be, lambda: vidstream.lowrank_decompress(
                 c, w_uk, w_uv, ranges, k_r))
-            if be not in backend._registry["lowrank_cached_attention"]:
+            if be not in testing.registered_backends("lowrank_cached_attention"):
                 continue  # the cuda backend serves the decompression; attention is triton's
             auto[be] = choose_strategy(be, 1, Lq, N, HEADS, D_C, HEAD_DIM - D_R, D_R, HEAD_DIM)
             for s in STRATEGIES:
@@ -223,7 +223,7 @@ def main():
                 f"attention, {dtype}, B=1, H={HEADS}, Lq={Lq}, N={N}, d_c={D_C}, d_r={D_R}"
                 + (" (reduced: --quick)" if args.quick else "") + unit)
     print()
-    attn = next(b for b in backends if b in backend._registry["lowrank_cached_attention"])
+    attn = next(b for b in backends if b in testing.registered_backends("lowrank_cached_attention"))
     sweep = sweep_rows(args, device, dtype, min(N, 4680), attn)
     print_table(sweep, list(sweep[0]), f"strategy sweep [{attn}], {dtype}{unit}")
     print()

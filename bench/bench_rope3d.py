@@ -6,7 +6,7 @@
   device-to-device copy measured in the same run.
 - ``rope3d`` of one 3-frame chunk (4,680 tokens) against Wan2.1's eager way (complex float64).
 
-    python bench/bench_rope.py [--device cuda] [--dtype bfloat16] [--json bench/results/]
+    python bench/bench_rope3d.py [--device cuda] [--dtype bfloat16] [--json bench/results/]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import vidstream  # noqa: E402
-from vidstream._rope_tables import band_omega, rope_bands  # noqa: E402
+from vidstream.ops.rope_math import band_omega, rope_bands  # noqa: E402
 
 HEADS, HEAD_DIM, FRAME_TOKENS, GRID_HW = 12, 128, 1560, (30, 52)
 CACHE_TOKENS = 27_872

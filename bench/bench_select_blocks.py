@@ -9,7 +9,7 @@ Attention time: on a GPU, ``vidstream.cached_attention`` with whatever backend i
 row says which). On a CPU its reference materialises a 6 GB score matrix, so the stand-in is
 torch SDPA of the 4,680 current queries over the gathered 27,872-token context.
 
-    python bench/bench_select.py --device cpu --json bench/results/
+    python bench/bench_select_blocks.py --device cpu --json bench/results/
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
-from vidstream import backend, selection  # noqa: E402
-from vidstream import compress as C  # noqa: E402
+from vidstream import testing  # noqa: E402
+from vidstream.ops import select_blocks as selection  # noqa: E402
+from vidstream.streaming import compressors as C  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 128
 CURRENT, RECENT = 4680, 6240
@@ -86,7 +87,7 @@ def main():
     sums = selection.block_key_sums(k_pool, ranges)
 
     fused_backends = ["cpu"] if dev.type == "cpu" else [
-        b for b in ("triton", "cuda") if backend._usable(b, "select_blocks", dev, dtype) is None]
+        b for b in ("triton", "cuda") if testing.why_not(b, "select_blocks", dev, dtype) is None]
 
     rows = []
     t_eager = time_ms(lambda: eager_mean(q, k_pool, ranges, heads, scale), device=dev, reps=5)

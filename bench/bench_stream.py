@@ -1,8 +1,8 @@
 """End-to-end streaming generation: ms per chunk and frames/s of
 
-  fused       vidstream's StreamingKVCache (sink + mid top-k + ring), vidstream kernels
-  reference   the eager pipeline with the naive cache (growing history, cat / clone / re-rotate)
-  no-mid      StreamingKVCache with sink + window only (memory-free baseline: what mid costs)
+  fused       the bounded cache (StreamingKVCache: sink + mid top-k + ring), vidstream kernels
+  reference   the naive cache (growing history, cat / clone / re-rotate) on the reference kernels
+  no-mid      the bounded cache with sink + window only (memory-free baseline: what mid costs)
 
 measured in the same run, with the per-chunk time near frame 50 and after frame 1,000 (flat for a
 bounded cache, growing for the naive one), and the fused cache's bytes (also at PackForcing-like
@@ -18,17 +18,16 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_table, sync, write_json  # noqa: E402
+from _common import print_table, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
-from vidstream import StreamingGenerator, StreamingKVCache  # noqa: E402
-from vidstream.cache import AvgPoolCompressor, CacheConfig, default_compressor  # noqa: E402
-from vidstream.model import PRESETS, StreamingDiT  # noqa: E402
+from vidstream.streaming import PRESETS, CacheConfig, StreamingDiT, StreamingKVCache  # noqa: E402
+from vidstream.streaming.compressors import AvgPoolCompressor, default_compressor  # noqa: E402
+from vidstream.streaming.runner import add_partition_options, partition_options, run_stream  # noqa: E402
 
 # PackForcing-like partitions at Wan-1.3B (3-frame chunks): a 3-frame sink, 64 mid blocks
 # (3-frame blocks pooled 2x in time and 4x in space: 91 tokens), 16 active, 3 recent frames.
@@ -36,36 +35,18 @@ PACKFORCING = dict(chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=64
 
 
 def _median_near(rows, lo, hi):
-    ms = [r["ms"] for r in rows if lo <= r["frame"] < hi]
+    ms = [r.ms for r in rows if lo <= r.frame < hi]
     return statistics.median(ms) if ms else None
 
 
-def run_config(model, text, frames, device, *, backend, mid_blocks, top_k, args):
-    gen = StreamingGenerator(model, chunk_frames=args.chunk_frames, sink_frames=args.sink_frames,
-                             recent_frames=args.recent_frames, mid_blocks=mid_blocks, top_k=top_k,
-                             backend=backend, seed=0,
-                             compressor=default_compressor() if args.space_pool is None
-                             else AvgPoolCompressor(2, args.space_pool))
-    # Warm-up: first-call costs (allocator, kernel loading, cuBLAS heuristics).
-    for _ in gen.stream(text, 2 * args.chunk_frames):
-        pass
-    rows, done = [], 0
-    stream = gen.stream(text, frames)
-    t_all = time.perf_counter()
-    while True:
-        sync(device)
-        t0 = time.perf_counter()
-        try:
-            x = next(stream)
-        except StopIteration:
-            break
-        sync(device)
-        done += x.shape[2]
-        rows.append(dict(frame=done, ms=(time.perf_counter() - t0) * 1e3))
-    total = time.perf_counter() - t_all
-    return dict(rows=rows, fps=frames / total, cache_bytes=gen.cache.nbytes,
-                ms_50=_median_near(rows, 40, 70), ms_1000=_median_near(rows, 1000, 1040),
-                ms_median=statistics.median(r["ms"] for r in rows))
+def run_config(model, text, frames, *, cache, mid_blocks, top_k, args, kernels=None):
+    options = {**partition_options(args), "mid_blocks": mid_blocks, "top_k": top_k}
+    run = run_stream(model, text, frames, cache=cache, kernels=kernels, seed=0,
+                     compressor=default_compressor() if args.space_pool is None
+                     else AvgPoolCompressor(2, args.space_pool), **options)
+    return dict(rows=run.rows, fps=run.fps, cache_bytes=run.cache_bytes,
+                ms_50=_median_near(run.rows, 40, 70), ms_1000=_median_near(run.rows, 1000, 1040),
+                ms_median=statistics.median(r.ms for r in run.rows))
 
 
 def packforcing_cache_bytes(preset: str, dtype) -> int:
@@ -88,13 +69,9 @@ def main():
                    help="frames of the reference run (default: --frames for tiny, 150 for wan-1.3b, "
                         "whose naive full history takes ~0.29 GB a frame in bf16); speed-ups compare "
                         "every config over these first frames")
-    p.add_argument("--chunk-frames", type=int, default=3)
-    p.add_argument("--sink-frames", type=int, default=3)
-    p.add_argument("--recent-frames", type=int, default=3)
-    p.add_argument("--mid-blocks", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=16)
+    add_partition_options(p, recent_frames=3, mid_blocks=64, top_k=16)
     p.add_argument("--space-pool", type=int, default=None, help="use AvgPoolCompressor(2, N) for mid "
-                   "blocks (default: cache.default_compressor())")
+                   "blocks (default: compressors.default_compressor())")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -114,27 +91,28 @@ def main():
                for op in ("rope3d_store_", "rope3d_shift_", "cached_attention", "select_blocks")}
     print(f"bench_stream: {args.preset}, {dtype_name}, {dev}, {args.frames} frames; kernels {kernels}")
     configs = {
-        "fused": dict(backend="fused", mid_blocks=args.mid_blocks, top_k=args.top_k),
-        "reference": dict(backend="reference", mid_blocks=args.mid_blocks, top_k=args.top_k),
-        "no-mid": dict(backend="fused", mid_blocks=0, top_k=None),
+        "fused": dict(cache="bounded", mid_blocks=args.mid_blocks, top_k=args.top_k),
+        "reference": dict(cache="naive", kernels="reference", mid_blocks=args.mid_blocks,
+                          top_k=args.top_k),
+        "no-mid": dict(cache="bounded", mid_blocks=0, top_k=None),
     }
     ref_frames = args.reference_frames or (args.frames if args.preset == "tiny" else 150)
     results = {}
     for name in args.configs.split(","):
         n = min(args.frames, ref_frames) if name == "reference" else args.frames
-        results[name] = run_config(model, text, n, dev, args=args, **configs[name])
+        results[name] = run_config(model, text, n, args=args, **configs[name])
         r = results[name]
         print(f"  {name}: {r['fps']:.2f} frames/s, median {r['ms_median']:.1f} ms/chunk")
     rows = []
     horizon = min(ref_frames, args.frames)
 
     def fps_upto(r):  # frames/s over the first `horizon` frames: the same work for every config
-        chunks = [c for c in r["rows"] if c["frame"] <= horizon]
-        return chunks[-1]["frame"] / (sum(c["ms"] for c in chunks) / 1e3) if chunks else None
+        chunks = [c for c in r["rows"] if c.frame <= horizon]
+        return chunks[-1].frame / (sum(c.ms for c in chunks) / 1e3) if chunks else None
 
     fused = results.get("fused")
     for name, r in results.items():
-        rows.append(dict(config=name, frames=r["rows"][-1]["frame"], frames_per_s=r["fps"],
+        rows.append(dict(config=name, frames=r["rows"][-1].frame, frames_per_s=r["fps"],
                          fps_first_frames=fps_upto(r), ms_per_chunk=r["ms_median"],
                          ms_at_frame_50=r["ms_50"], ms_at_frame_1000=r["ms_1000"],
                          late_vs_early=(r["ms_1000"] / r["ms_50"]) if r["ms_1000"] and r["ms_50"] else None,

@@ -45,3 +45,17 @@ def test_python_dash_m_entry_point(tmp_path):
     with open(tmp_path / "demo.json") as f:
         res = json.load(f)
     assert res["fps_eager"] is None and res["max_abs_diff"] is None
+
+
+def test_deprecated_backend_flag_is_an_alias_of_cache(tmp_path, capsys):
+    n = torch.get_num_threads()
+    try:
+        cli.main(["demo", "--frames", "3", "--backend", "reference", "--device", "cpu",
+                  "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n)
+    assert "--backend reference is deprecated, use --cache naive" in capsys.readouterr().err
+    with open(tmp_path / "demo.json") as f:
+        assert json.load(f)["backend"] == "reference"
+    with pytest.raises(SystemExit, match="contradicts"):
+        cli.main(["demo", "--frames", "3", "--backend", "fused", "--cache", "naive"])

@@ -9,8 +9,8 @@ import torch
 from numerics import devices
 
 import vidstream
-from vidstream import compress as C
 from vidstream import reference
+from vidstream.streaming import compressors as C
 
 
 def _cells_mean(x, grid, factors):
@@ -31,7 +31,7 @@ def _cells_mean(x, grid, factors):
 
 
 def _rotate_at(x, t, y, c, theta=10000.0, t_theta=None):
-    """Independent float64 rotation of x [B, N, H, D] at positions (t, y, c) [N] (SPEC §3)."""
+    """Independent float64 rotation of x [B, N, H, D] at positions (t, y, c) [N] (docs/spec.md §3)."""
     D = x.shape[3]
     half = D // 2
     c_t, c_h = half - 2 * (half // 3), half // 3

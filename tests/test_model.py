@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vidstream import FullSequenceAttention, StreamingDiT
 from vidstream._safetensors import save_file
-from vidstream.model import PRESETS, sinusoidal_embedding
+from vidstream.streaming import FullSequenceAttention, StreamingDiT
+from vidstream.streaming.model import PRESETS, sinusoidal_embedding
 
 
 def wan_state_shapes(dim, ffn, layers, freq, text, in_dim=16, out_dim=16):
     """Key -> shape of Wan2.1's WanModel (t2v, cross_attn_norm) state dict, written out here from
-    the Wan2.1 module structure, independently of vidstream.model."""
+    the Wan2.1 module structure, independently of vidstream.streaming.model."""
     s = {
         "patch_embedding.weight": (dim, in_dim, 1, 2, 2), "patch_embedding.bias": (dim,),
         "text_embedding.0.weight": (dim, text), "text_embedding.0.bias": (dim,),

@@ -169,8 +169,9 @@ def test_cpp_checks_name_the_argument():
     k, v = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)
     op = torch.ops.vidstream.rope3d_store_
     pos = torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="frame_slots must not overlap"):
-        op(kp, vp, k, v, torch.tensor([0, 1], dtype=torch.int32), pos, 2, 2)
+    # Overlapping slots write inside the pool only: the public op refuses them.
+    with pytest.raises(ValueError, match="frame_slots must not overlap"):
+        vidstream.rope3d_store_(kp, vp, k, v, [0, 1], [0.0, 0.0], grid=(2, 2, 2))
     with pytest.raises(RuntimeError, match="frame_slots"):
         op(kp, vp, k, v, torch.tensor([0, 13], dtype=torch.int32), pos, 2, 2)
     with pytest.raises(RuntimeError, match="frame_pos"):

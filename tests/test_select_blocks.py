@@ -214,15 +214,18 @@ def test_cpp_op_rejects_bad_inputs():
     require("cpu", "select_blocks", "cpu", torch.float32)
     op = torch.ops.vidstream.select_blocks
     q, kp, r, k, stride, heads, score, scale, _ = _op_args()
+    # Refused by the public op only: none of these takes the kernel outside its tensors.
+    overlap = torch.tensor([[0, 9], [8, 12]], dtype=torch.int32)
+    for kw, match in [(dict(score="sum"), "score"), (dict(heads=[2, 2]), "distinct"),
+                      (dict(block_ranges=overlap), "overlap")]:
+        a = {**dict(block_ranges=r, query_stride=stride, heads=heads, score=score, scale=scale), **kw}
+        with pytest.raises(ValueError, match=match):
+            vidstream.select_blocks(q, kp, a.pop("block_ranges"), k, **a)
     cases = [
-        ((q, kp, r, k, stride, heads, "sum", scale, None), "score"),
         ((q, kp, r, k, stride, [0, 7], score, scale, None), "heads"),
-        ((q, kp, r, k, stride, [2, 2], score, scale, None), "distinct"),
         ((q, kp, r, k, 0, heads, score, scale, None), "query_stride"),
         ((q, kp, r, -2, stride, heads, score, scale, None), "k must"),
         ((q, kp, r.long(), k, stride, heads, score, scale, None), "int32"),
-        ((q, kp, torch.tensor([[0, 9], [8, 12]], dtype=torch.int32), k, stride, heads, score, scale,
-          None), "overlap"),
         ((q, kp, torch.tensor([[0, 99]], dtype=torch.int32), k, stride, heads, score, scale, None),
          "block_ranges"),
         ((q, kp.double(), r, k, stride, heads, score, scale, None), "k_pool"),

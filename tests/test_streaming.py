@@ -1,4 +1,5 @@
-"""The streaming cache, model and generator against their oracles (SPEC §6), tiny preset, CPU."""
+"""The streaming cache, model and generator against their oracles (docs/spec.md §6), tiny preset,
+CPU."""
 
 from dataclasses import replace
 
@@ -6,9 +7,18 @@ import pytest
 import torch
 
 import vidstream
-from vidstream import CacheConfig, FullSequenceAttention, StreamingDiT, StreamingGenerator, StreamingKVCache
-from vidstream.cache import AvgPoolCompressor, NaiveKVCache
-from vidstream.model import PRESETS
+from vidstream.streaming import (
+    CacheConfig,
+    FullSequenceAttention,
+    StreamingDiT,
+    StreamingGenerator,
+    StreamingKVCache,
+    bounded_cache,
+)
+from vidstream.streaming.compressors import AvgPoolCompressor
+from vidstream.streaming.generator import warp_timesteps
+from vidstream.streaming.model import PRESETS
+from vidstream.streaming.naive_cache import NaiveKVCache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,18 +57,28 @@ def _stream_teacher_forced(m, cache, x, t, text_kv, C):
     return torch.cat(outs, dim=2)
 
 
+def _full_and_streamed(m, frames, window_frames, B=1, compressor=None, **cfg):
+    """One video with per-frame timesteps (the per-frame modulation is exercised) through
+    ``FullSequenceAttention`` and, teacher-forced, through a fresh cache of partitions ``cfg``:
+    returns (full, streamed, cache)."""
+    C = cfg["chunk_frames"]
+    x = torch.randn(B, 16, frames, 8, 8)
+    t = torch.rand(B, frames) * 1000
+    text_kv = m.text_kv(_text(m, B))
+    with torch.no_grad():
+        full = m(x, t, text_kv, FullSequenceAttention(chunk_frames=C, window_frames=window_frames))
+        cache = _cache(m, B, compressor, **cfg)
+        streamed = _stream_teacher_forced(m, cache, x, t, text_kv, C)
+    return full, streamed, cache
+
+
 @pytest.mark.parametrize("sink,B,frames", [(0, 1, 12), (3, 2, 12), (6, 1, 11)])
 def test_streaming_equals_full_sequence_when_window_covers_video(sink, B, frames):
     m = _model()
     C = 3
-    x = torch.randn(B, 16, frames, 8, 8)
-    t = torch.rand(B, frames) * 1000  # per-frame timesteps: the per-frame modulation is exercised
-    text_kv = m.text_kv(_text(m, B))
-    with torch.no_grad():
-        full = m(x, t, text_kv, FullSequenceAttention(chunk_frames=C))
-        recent = ((frames - sink + C - 1) // C) * C
-        cache = _cache(m, B, chunk_frames=C, sink_frames=sink, recent_frames=recent, mid_blocks=0)
-        streamed = _stream_teacher_forced(m, cache, x, t, text_kv, C)
+    recent = ((frames - sink + C - 1) // C) * C
+    full, streamed, cache = _full_and_streamed(m, frames, None, B, chunk_frames=C, sink_frames=sink,
+                                               recent_frames=recent, mid_blocks=0)
     assert cache.max_position == frames - 1  # nothing evicted: the true positions
     torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-5)
 
@@ -69,21 +89,16 @@ def test_sliding_window_without_sink_equals_windowed_chunk_attention():
     rope3d_shift_) must equal chunk_attention with window_frames = recent + chunk."""
     m = _model()
     C, R, frames = 3, 6, 27
-    x = torch.randn(1, 16, frames, 8, 8)
-    t = torch.rand(1, frames) * 1000
-    text_kv = m.text_kv(_text(m))
-    with torch.no_grad():
-        full = m(x, t, text_kv, FullSequenceAttention(chunk_frames=C, window_frames=R + C))
-        cache = _cache(m, chunk_frames=C, sink_frames=0, recent_frames=R, mid_blocks=0)
-        streamed = _stream_teacher_forced(m, cache, x, t, text_kv, C)
+    full, streamed, cache = _full_and_streamed(m, frames, R + C, chunk_frames=C, sink_frames=0,
+                                               recent_frames=R, mid_blocks=0)
     assert cache.max_position == R + C - 1
     torch.testing.assert_close(streamed, full, atol=5e-5, rtol=1e-5)
 
 
 def _gen_pair(m, frames, **kw):
     text = _text(m)
-    a = StreamingGenerator(m, backend="fused", **kw).generate(text, frames)
-    b = StreamingGenerator(m, backend="reference", **kw).generate(text, frames)
+    a = StreamingGenerator(m, cache="bounded", **kw).generate(text, frames)
+    b = StreamingGenerator(m, cache="naive", **kw).generate(text, frames)
     return a, b
 
 
@@ -207,7 +222,7 @@ def test_memory_fixed_and_reported():
     c = g.cache
     expect = 2 * m.config.num_layers * c.pool_tokens * m.config.dim * 4
     assert c.nbytes == expect
-    naive = StreamingGenerator(m, mid_blocks=4, top_k=2, backend="reference")
+    naive = StreamingGenerator(m, mid_blocks=4, top_k=2, cache="naive")
     sizes = []
     for _ in naive.stream(_text(m), 18):
         sizes.append(naive.cache.nbytes)
@@ -234,6 +249,32 @@ def test_config_errors():
         cache.end_chunk()
 
 
+def test_deprecated_backend_argument_still_chooses_the_cache():
+    m = _model(num_layers=1)
+    text = _text(m)
+    kw = dict(chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=2, top_k=1, seed=2,
+              timesteps=(1000,))
+    for backend, cache, cls in (("fused", "bounded", StreamingKVCache), ("reference", "naive", NaiveKVCache)):
+        with pytest.warns(DeprecationWarning, match=f"cache={cache!r}"):
+            old = StreamingGenerator(m, backend=backend, **kw)
+        assert type(old.cache) is cls
+        new = StreamingGenerator(m, cache=cache, **kw)
+        assert torch.equal(old.generate(text, 12), new.generate(text, 12))
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradicts"):
+        StreamingGenerator(m, backend="fused", cache="naive")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        StreamingGenerator(m, cache="fused")
+
+
+def test_generator_keeps_a_forced_backend():
+    """Kernel choice is use_backend's alone: forced to a backend that cannot run CPU tensors, the
+    generator must fail rather than quietly run another one."""
+    m = _model(num_layers=1)
+    g = StreamingGenerator(m, mid_blocks=0)
+    with vidstream.use_backend("cuda"), pytest.raises(ValueError, match="'cuda' cannot run"):
+        g.generate(_text(m), 3)
+
+
 def test_naive_cache_is_a_cache_protocol_twin():
     c = NaiveKVCache(num_layers=2, config=CacheConfig(), frame_shape=(4, 4))
     assert c.nbytes == 0
@@ -243,21 +284,19 @@ def test_naive_cache_is_a_cache_protocol_twin():
 def test_selection_once_per_chunk_and_layer(monkeypatch):
     m = _model()
     calls = []
-    real = vidstream.cache._selection.select_blocks
+    real = bounded_cache.select_blocks
 
     def counting(q, *a, **kw):
         calls.append(q.shape)
         return real(q, *a, **kw)
 
-    monkeypatch.setattr(vidstream.cache._selection, "select_blocks", counting)
+    monkeypatch.setattr(bounded_cache, "select_blocks", counting)
     g = StreamingGenerator(m, chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=3, top_k=1)
     g.generate(_text(m), 18)  # chunks 0..5; mid holds >1 block (so selection runs) from chunk 4 on
     assert len(calls) == 2 * m.config.num_layers
 
 
 def test_warped_timesteps_are_self_forcing_schedule():
-    from vidstream.pipeline import warp_timesteps
-
     got = warp_timesteps([1000, 750, 500, 250], 5.0)
     assert got == pytest.approx([1000.0, 937.5, 833.3333333, 625.0])
 
@@ -266,8 +305,6 @@ def test_generator_equals_full_recompute_self_forcing_loop():
     """Self-Forcing semantics without a cache: every step of chunk n runs the whole sequence
     (clean chunks 0..n-1 at t = 0, the current noisy chunk at t_i) through chunk_attention. The
     streaming generator, with nothing evicted, must give the same video."""
-    from vidstream.pipeline import warp_timesteps
-
     m = _model()
     C, frames, seed = 3, 9, 11
     text = _text(m)
@@ -300,7 +337,7 @@ def test_bfloat16_model_and_cache():
     g = StreamingGenerator(m, mid_blocks=2, top_k=1)
     a = g.generate(text, 18)
     assert g.cache.k_pool.dtype == torch.bfloat16 and a.dtype == torch.float32
-    b = StreamingGenerator(m, mid_blocks=2, top_k=1, backend="reference").generate(text, 18)
+    b = StreamingGenerator(m, mid_blocks=2, top_k=1, cache="naive").generate(text, 18)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
@@ -345,14 +382,9 @@ def test_mid_memory_with_identity_compressor_equals_longer_window(mid_blocks):
     window_frames = mid_blocks * chunk + recent + chunk."""
     m = _model()
     C, R, frames = 3, 3, 27
-    x = torch.randn(1, 16, frames, 8, 8)
-    t = torch.rand(1, frames) * 1000
-    text_kv = m.text_kv(_text(m))
-    with torch.no_grad():
-        window = mid_blocks * C + R + C
-        full = m(x, t, text_kv, FullSequenceAttention(chunk_frames=C, window_frames=window))
-        cache = _cache(m, chunk_frames=C, sink_frames=0, recent_frames=R, mid_blocks=mid_blocks,
-                       top_k=None, mid_evict="oldest", compressor=_IdentityCompressor())
-        streamed = _stream_teacher_forced(m, cache, x, t, text_kv, C)
+    window = mid_blocks * C + R + C
+    full, streamed, cache = _full_and_streamed(m, frames, window, compressor=_IdentityCompressor(),
+                                               chunk_frames=C, sink_frames=0, recent_frames=R,
+                                               mid_blocks=mid_blocks, top_k=None, mid_evict="oldest")
     assert cache.max_position == window - 1
     torch.testing.assert_close(streamed, full, atol=5e-5, rtol=1e-5)

@@ -35,6 +35,8 @@ _STREAMING = {
 
 
 def __getattr__(name):
+    if name == "streaming":
+        return importlib.import_module(".streaming", __name__)
     if name in _STREAMING:
         return getattr(importlib.import_module(f".streaming.{_STREAMING[name]}", __name__), name)
     raise AttributeError(f"module 'vidstream' has no attribute {name!r}")

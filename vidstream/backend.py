@@ -108,13 +108,17 @@ def ops() -> dict[str, Op]:
     return dict(_ops)
 
 
-# torch.compile cannot trace a ContextVar: the choice is read when a graph is traced and kept
-# in it (a compiled function runs on the backend in force when it was compiled).
-@torch.compiler.assume_constant_result
 def forced() -> str | None:
     """The backend forced here (innermost ``use_backend``, else ``VIDSTREAM_BACKEND``), or None."""
     stack = _forced.get()
     return stack[-1] if stack else _env_backend
+
+
+# torch.compile cannot trace a ContextVar: the choice is read when a graph is traced and kept in
+# it (a compiled function runs on the backend in force when it was compiled). This is the mark
+# torch.compiler.assume_constant_result sets; calling it would import torch._dynamo (~140 MiB)
+# with vidstream. tests/test_registration.py compiles through it fullgraph.
+forced._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager

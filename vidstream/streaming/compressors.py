@@ -1,14 +1,15 @@
-"""Mid-block compressors: what the streaming cache calls when a block leaves the recent window.
+"""Mid-block compressors: what the streaming cache calls when a block leaves the recent window,
+and the helpers the caches call them through.
 
 A compressor takes the K and V of one full-resolution block, ``k`` [B, F*h*w, H_kv, D] and
-``v`` [B, F*h*w, H_kv, Dv] on the frame-major token grid ``(F, h, w)`` (SPEC conventions), and
+``v`` [B, F*h*w, H_kv, Dv] on the frame-major token grid ``(F, h, w)`` (docs/spec.md conventions), and
 returns ``mid_tokens(grid)`` tokens of K and V on the pooled grid ``out_grid(grid)``, also
 frame-major. The default factors (2, 4, 4) halve time and quarter each spatial side with floor:
 PackForcing's 4-frame block at 30 x 52 tokens per frame goes from 6,240 tokens to
 2 x 7 x 13 = 182. Tokens past the last whole cell (an odd frame, rows or columns beyond a
 multiple of 4) are dropped, as floor implies.
 
-RoPE. Cached keys carry the 3D rotary embedding (SPEC §3) at their own positions. Averaging
+RoPE. Cached keys carry the 3D rotary embedding (docs/spec.md §3) at their own positions. Averaging
 rotated keys would average vectors turned by different angles: the fastest pair of each band
 turns by one radian per frame, row or column, so its content largely cancels and the average
 has no well-defined position. So a compressor (with ``rotated=True``, the default):
@@ -30,19 +31,34 @@ float after shifts). Values carry no RoPE and are compressed as they are.
 ``PoolCompressor`` is training-free (mean over each cell). ``ConvCompressor`` is a small 3D-conv
 stack (PackForcing's high-resolution branch) users can train; it starts out equal to the pooling
 compressor (its last convolution is zero-initialised and added to the pooled result).
+``AvgPoolCompressor`` averages the rotated keys as they are (cheaper, approximate RoPE).
+
+The caches call any callable ``compressor(k, v, grid=...) -> (k_c, v_c)`` through
+``call_compressor``: it passes the keywords ``frame_offset``, ``theta`` and ``t_theta`` only to
+a callable that accepts them (``compressor_keywords``), and ``compressed_tokens`` finds the token
+count of a block (``mid_tokens(grid)`` if defined, else by one call). The compressor must return
+the same number of tokens for every block, keys rotated so that a temporal shift of ``delta``
+moves the whole block by ``delta`` frames.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Callable
+
 import torch
 from torch import nn
 
-from . import _validate
-from ._rope_tables import band_omega, rope_bands, temporal_angles
-from .reference import _rotate
+from ..ops import checks
+from ..ops.rope3d import rope3d
+from ..ops.rope_math import band_omega, rope_bands, rotate_pairs, temporal_angles
 
-__all__ = ["ConvCompressor", "MidCompressor", "PoolCompressor", "compress_block", "pooled_grid",
-           "pooled_positions", "rope_at"]
+__all__ = ["AvgPoolCompressor", "Compressor", "ConvCompressor", "MidCompressor", "PoolCompressor",
+           "call_compressor", "compress_block", "compressed_tokens", "compressor_keywords",
+           "default_compressor", "pooled_grid", "pooled_positions", "rope_at"]
+
+Compressor = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
 DEFAULT_FACTORS = (2, 4, 4)
 
@@ -81,21 +97,19 @@ def pooled_positions(grid, factors=DEFAULT_FACTORS, frame_offset: float = 0.0,
 
 def rope_at(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *,
             theta: float = 10000.0, t_theta: torch.Tensor | None = None) -> torch.Tensor:
-    """The SPEC §3 rotation of ``x`` [B, N, H, D] with token n at the (real) position
+    """The docs/spec.md §3 rotation of ``x`` [B, N, H, D] with token n at the (real) position
     ``(t[n], y[n], w[n])``; negated positions undo it."""
     c_t, c_h, c_w = rope_bands(x.shape[3])
     ang_t = temporal_angles(t, c_t, theta, t_theta)  # [N, Ht, c_t]
     ang_hw = torch.cat([y[:, None] * band_omega(c_h, theta, x.device)[None],
                         w[:, None] * band_omega(c_w, theta, x.device)[None]], dim=-1)
     ang = torch.cat([ang_t, ang_hw[:, None, :].expand(-1, ang_t.shape[1], -1)], dim=-1)
-    return _rotate(x, ang[None])
+    return rotate_pairs(x, ang[None])
 
 
 def _unrotate(k, grid, frame_offset, theta, t_theta):
     """Undoes ``rope3d(., grid, frame_offset)``. Rotating by -a is conj(rotate(conj(x), a)) with
     conj negating the odd channel of each pair, so the fast ``rope3d`` kernels do the work."""
-    from .rope import rope3d
-
     sign = torch.ones(k.shape[3], dtype=k.dtype, device=k.device)
     sign[1::2] = -1
     return rope3d(k * sign, grid=tuple(grid), frame_offset=frame_offset, theta=theta,
@@ -145,17 +159,17 @@ class MidCompressor:
 
 
 def _check_inputs(k, v, grid, t_theta, rotated):
-    _validate.tensor(k, "k", 4, "[B, F*h*w, H_kv, D]")
-    _validate.tensor(v, "v", 4, "[B, F*h*w, H_kv, Dv]")
-    _validate.floating(k, "k")
-    _validate.same("k", k, "v", v)
+    checks.tensor(k, "k", 4, "[B, F*h*w, H_kv, D]")
+    checks.tensor(v, "v", 4, "[B, F*h*w, H_kv, Dv]")
+    checks.floating(k, "k")
+    checks.same("k", k, "v", v)
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must have the batch, tokens and heads of k {tuple(k.shape[:3])}, "
                          f"got {tuple(v.shape[:3])}")
-    _validate.grid3(grid, k.shape[1])
+    checks.grid3(grid, k.shape[1])
     if rotated:
-        _validate.rope_input(k, "k")
-        _validate.t_theta(t_theta, k.shape[2])
+        checks.rope_input(k, "k")
+        checks.t_theta(t_theta, k.shape[2])
 
 
 def _avg_cells(z: torch.Tensor, factors) -> torch.Tensor:
@@ -212,11 +226,11 @@ class ConvCompressor(nn.Module, MidCompressor):
         self.factors = _check_factors(factors)
         if self.factors[1] % 2 or self.factors[2] % 2:
             raise ValueError(f"ConvCompressor needs even spatial factors, got {self.factors}")
-        _validate.positive_int(head_dim, "head_dim")
+        checks.positive_int(head_dim, "head_dim")
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        _validate.positive_int(v_head_dim, "v_head_dim")
+        checks.positive_int(v_head_dim, "v_head_dim")
         hidden = 2 * head_dim if hidden is None else hidden
-        _validate.positive_int(hidden, "hidden")
+        checks.positive_int(hidden, "hidden")
         self.k_net = _ConvStack(head_dim, hidden, self.factors)
         self.v_net = _ConvStack(v_head_dim, hidden, self.factors)
 
@@ -250,3 +264,73 @@ def compress_block(k: torch.Tensor, v: torch.Tensor, *, grid, frame_offset: floa
     compressor = PoolCompressor() if compressor is None else compressor
     return compressor(k, v, grid=grid, frame_offset=frame_offset, theta=theta, t_theta=t_theta,
                       rotated=rotated)
+
+
+class AvgPoolCompressor:
+    """Average pooling of a block's K and V over windows of ``time`` frames x ``space`` x
+    ``space`` tokens (floor; a factor larger than the grid is clamped to it), of the rotated keys
+    as they are. Pooling is linear, so a temporal ``rope3d_shift_`` of the pooled keys equals
+    pooling the shifted keys: the block keeps the temporal base position of its first frame. The
+    spatial rotation of the pooled keys is the mean of their window's (a training-free
+    approximation; ``PoolCompressor`` un-rotates first)."""
+
+    def __init__(self, time: int = 2, space: int = 2):
+        if time < 1 or space < 1:
+            raise ValueError(f"time and space pooling factors must be >= 1, got {time}, {space}")
+        self.time, self.space = time, space
+
+    def _factors(self, grid):
+        F, h, w = grid
+        return min(self.time, F), min(self.space, h), min(self.space, w)
+
+    def mid_tokens(self, grid) -> int:
+        F, h, w = grid
+        tf, sh, sw = self._factors(grid)
+        return (F // tf) * (h // sh) * (w // sw)
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, *, grid):
+        return self._pool(k, grid), self._pool(v, grid)
+
+    def _pool(self, x, grid):
+        F, h, w = grid
+        B, L, H, D = x.shape
+        cube = x.float().reshape(B, F, h, w, H * D).permute(0, 4, 1, 2, 3)
+        pooled = torch.nn.functional.avg_pool3d(cube, self._factors(grid))
+        return pooled.permute(0, 2, 3, 4, 1).reshape(B, -1, H, D).to(x.dtype)
+
+
+def default_compressor() -> MidCompressor:
+    """The caches' compressor when none is given: ``PoolCompressor()`` (RoPE-aware pooling)."""
+    return PoolCompressor()
+
+
+_OPTIONAL_KEYWORDS = frozenset({"frame_offset", "theta", "t_theta"})
+
+
+def compressor_keywords(compressor) -> frozenset:
+    """The optional keywords (frame_offset, theta, t_theta) ``compressor`` accepts."""
+    try:
+        params = inspect.signature(compressor).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return _OPTIONAL_KEYWORDS
+    return _OPTIONAL_KEYWORDS & frozenset(params)
+
+
+def call_compressor(compressor, keywords, k, v, grid, frame_offset, theta, t_theta):
+    """``compressor(k, v, grid=...)`` with those of frame_offset / theta / t_theta that it takes
+    (``keywords``, from ``compressor_keywords``: inspected once per cache, not per block)."""
+    extra = {"frame_offset": float(frame_offset), "theta": theta, "t_theta": t_theta}
+    return compressor(k, v, grid=tuple(grid), **{n: extra[n] for n in keywords})
+
+
+def compressed_tokens(compressor, grid) -> int:
+    """Tokens ``compressor`` makes of one block on ``grid``: ``mid_tokens(grid)`` where it says,
+    else found by one call on zeros."""
+    if hasattr(compressor, "mid_tokens"):
+        return int(compressor.mid_tokens(grid))
+    dummy = torch.zeros(1, math.prod(grid), 1, 2)
+    out = call_compressor(compressor, compressor_keywords(compressor), dummy, dummy, grid, 0.0,
+                          10000.0, None)
+    return int(out[0].shape[1])

@@ -1,4 +1,4 @@
-"""``StreamingGenerator``: Self-Forcing's chunk-by-chunk generation loop (SPEC §6).
+"""``StreamingGenerator``: Self-Forcing's chunk-by-chunk generation loop (docs/spec.md §6).
 
 Per chunk of ``chunk_frames`` latent frames: a few flow-matching denoising steps (timesteps 1000,
 750, 500, 250 warped with shift 5.0; the model predicts the flow ``noise - x0``, so
@@ -6,24 +6,48 @@ Per chunk of ``chunk_frames`` latent frames: a few flow-matching denoising steps
 between; then one pass at t = 0 over the clean chunk that leaves its keys and values in the
 cache. Each finished chunk is yielded as soon as it is done.
 
-``backend="fused"`` runs the ``StreamingKVCache`` with the fastest vidstream kernels here;
-``backend="reference"`` runs every op eagerly with the ``NaiveKVCache`` (growing history,
-clone / re-rotate / concatenate each pass): the baseline to validate and time against. The same
-seed draws the same noise on both.
+``cache="bounded"`` keeps the ``StreamingKVCache`` (fixed pool, vidstream ops);
+``cache="naive"`` the ``NaiveKVCache`` (growing history, clone / re-rotate / concatenate each
+pass, eager reference ops): the baseline to validate and time against. The same seed draws the
+same noise with both. Which kernels the vidstream ops run is not the generator's business: that
+is ``vidstream.use_backend`` / ``VIDSTREAM_BACKEND``, which the generator leaves as it finds it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
 
-from . import backend as _backend
-from .cache import CacheConfig, NaiveKVCache, StreamingKVCache
+from .bounded_cache import StreamingKVCache
+from .config import CacheConfig
 from .model import StreamingDiT
+from .naive_cache import NaiveKVCache
 
-BACKENDS = ("fused", "reference")
+CACHES = {"bounded": StreamingKVCache, "naive": NaiveKVCache}
+# The generator's former ``backend=`` names, kept for one release: they chose the cache.
+LEGACY_BACKENDS = {"fused": "bounded", "reference": "naive"}
+
+
+def cache_kind(cache: Optional[str], backend: Optional[str]) -> str:
+    """The cache ``cache`` names, or that the deprecated ``backend`` maps to (default "bounded")."""
+    if backend is not None:
+        if backend not in LEGACY_BACKENDS:
+            raise ValueError(f"backend (deprecated: use cache=) must be one of "
+                             f"{tuple(LEGACY_BACKENDS)}, got {backend!r}")
+        mapped = LEGACY_BACKENDS[backend]
+        warnings.warn(f"StreamingGenerator(backend={backend!r}) is deprecated: use cache={mapped!r} "
+                      "(kernels are chosen with vidstream.use_backend / VIDSTREAM_BACKEND)",
+                      DeprecationWarning, stacklevel=3)
+        if cache is not None and cache != mapped:
+            raise ValueError(f"backend={backend!r} (deprecated) means cache={mapped!r}, which "
+                             f"contradicts cache={cache!r}: give cache= only")
+        cache = mapped
+    cache = "bounded" if cache is None else cache
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {tuple(CACHES)}, got {cache!r}")
+    return cache
 
 
 def warp_timesteps(timesteps, shift: float = 5.0, num_train_timesteps: int = 1000) -> list[float]:
@@ -42,19 +66,19 @@ class StreamingGenerator:
     ``model``: a ``StreamingDiT``. Cache partitions (latent frames): ``sink_frames``,
     ``recent_frames`` (full resolution, besides the current chunk), ``mid_blocks`` compressed
     blocks of which ``top_k`` are attended (``None``: all), ``mid_evict`` "oldest" or "lowest";
-    ``compressor``: mid-block compressor (default ``cache.default_compressor()``)."""
+    ``compressor``: mid-block compressor (default ``compressors.default_compressor()``);
+    ``cache``: "bounded" or "naive" (module docstring); ``backend``: deprecated alias of
+    ``cache`` ("fused" -> "bounded", "reference" -> "naive")."""
 
     def __init__(self, model: StreamingDiT, *, chunk_frames: int = 3, sink_frames: int = 3,
                  recent_frames: int = 6, mid_blocks: int = 8, top_k: Optional[int] = 4,
                  mid_evict: str = "oldest", compressor=None, timesteps=(1000, 750, 500, 250),
-                 shift: float = 5.0, backend: str = "fused", seed: int = 0, batch: int = 1,
-                 select_stride: int = 8, max_frames_rope: int = 1024):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                 shift: float = 5.0, cache: Optional[str] = None, seed: int = 0, batch: int = 1,
+                 select_stride: int = 8, max_frames_rope: int = 1024, backend: Optional[str] = None):
+        self.cache_kind = cache_kind(cache, backend)
         if not timesteps:
             raise ValueError("timesteps must name at least one denoising step")
         self.model = model
-        self.backend = backend
         self.seed = seed
         self.batch = batch
         self.sigmas = [t / 1000.0 for t in warp_timesteps(timesteps, shift)]
@@ -63,13 +87,10 @@ class StreamingGenerator:
                                   mid_evict=mid_evict, select_stride=select_stride,
                                   max_frames_rope=max_frames_rope)
         mc = model.config
-        cls = StreamingKVCache if backend == "fused" else NaiveKVCache
-        self.cache = cls(num_layers=mc.num_layers, batch=batch, kv_heads=mc.num_heads,
-                         head_dim=mc.head_dim, frame_shape=mc.frame_shape, config=self.config,
-                         compressor=compressor, dtype=model.dtype, device=model.device)
-
-    def _ops(self):
-        return _backend.use_backend("reference") if self.backend == "reference" else contextlib.nullcontext()
+        self.cache = CACHES[self.cache_kind](
+            num_layers=mc.num_layers, batch=batch, kv_heads=mc.num_heads, head_dim=mc.head_dim,
+            frame_shape=mc.frame_shape, config=self.config, compressor=compressor,
+            dtype=model.dtype, device=model.device)
 
     @torch.no_grad()
     def stream(self, text_embeddings: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
@@ -84,8 +105,7 @@ class StreamingGenerator:
         B = text_embeddings.shape[0]
         if B != self.batch:
             raise ValueError(f"text_embeddings has batch {B}, the generator was built for {self.batch}")
-        with self._ops():
-            text_kv = model.text_kv(text_embeddings)
+        text_kv = model.text_kv(text_embeddings)
         C = self.config.chunk_frames
         H, W = mc.latent_hw
         done = 0
@@ -93,16 +113,15 @@ class StreamingGenerator:
             F = min(C, num_frames - done)
             shape = (B, mc.in_dim, F, H, W)
             x = torch.randn(shape, generator=gen, device=dev)
-            with self._ops():
-                self.cache.begin_chunk(F)
-                for i, sigma in enumerate(self.sigmas):
-                    flow = model(x, sigma * 1000.0, text_kv, self.cache)
-                    x0 = x - sigma * flow
-                    if i + 1 < len(self.sigmas):
-                        nxt = self.sigmas[i + 1]
-                        x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=gen, device=dev)
-                model(x0, 0.0, text_kv, self.cache)
-                self.cache.end_chunk()
+            self.cache.begin_chunk(F)
+            for i, sigma in enumerate(self.sigmas):
+                flow = model(x, sigma * 1000.0, text_kv, self.cache)
+                x0 = x - sigma * flow
+                if i + 1 < len(self.sigmas):
+                    nxt = self.sigmas[i + 1]
+                    x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=gen, device=dev)
+            model(x0, 0.0, text_kv, self.cache)
+            self.cache.end_chunk()
             done += F
             yield x0
 

@@ -4,7 +4,7 @@ from a dense K/V projection by a truncated SVD (no training).
 Per token the cache keeps ``c = W_dc x + b_dc`` (``rank`` values shared by all heads) and a
 positional key ``k_r = W_kr x + b_kr`` (``rope_dims`` values shared by all heads; the caller
 applies the 3D RoPE to it). Head ``h`` sees ``k_h = concat(c @ w_uk[h], k_r)`` and
-``v_h = c @ w_uv[h]`` (SPEC §4).
+``v_h = c @ w_uv[h]`` (docs/spec.md §4).
 
 ``from_dense`` construction (w_k [H*D, dim], w_v [H*Dv, dim], nn.Linear layout):
 
@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
-from .lowrank import lowrank_decompress
+from .. import reference
+from ..ops.lowrank import lowrank_decompress
 
 
 class LowRankKV(nn.Module):

@@ -1,4 +1,4 @@
-"""``StreamingDiT``: a Wan2.1-shaped video diffusion transformer run chunk by chunk (SPEC §6).
+"""``StreamingDiT``: a Wan2.1-shaped video diffusion transformer run chunk by chunk (docs/spec.md §6).
 
 Patch embedding 1x2x2, per-frame AdaLN timestep modulation (Self-Forcing's causal Wan), q/k
 RMSNorm, 3D RoPE and self-attention through a cache object, cross-attention to text tokens with a
@@ -24,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _safetensors
-from . import attention as _attention
-from . import rope as _rope
+from .. import _safetensors
 
 
 @dataclass(frozen=True)
@@ -156,24 +154,6 @@ class Head(nn.Module):
         mod = (self.modulation.float()[:, None] + e[:, :, None]).chunk(2, dim=2)  # [B, F, 1, d]
         y = self.norm(x).view(B, grid[0], -1, d) * (1 + mod[1]) + mod[0]
         return self.head(y.view(B, L, d).to(self.head.weight.dtype))
-
-
-class FullSequenceAttention:
-    """Self-attention of a whole video in one pass: 3D RoPE at absolute positions and
-    ``chunk_attention`` (SPEC §1). The oracle streaming is checked against."""
-
-    def __init__(self, *, chunk_frames: int, sink_frames: int = 0, window_frames=None,
-                 theta: float = 10000.0):
-        self.chunk_frames, self.sink_frames = chunk_frames, sink_frames
-        self.window_frames, self.theta = window_frames, theta
-
-    def attend(self, layer, q, k, v, grid):
-        g = tuple(grid)
-        q = _rope.rope3d(q, grid=g, theta=self.theta)
-        k = _rope.rope3d(k, grid=g, theta=self.theta)
-        return _attention.chunk_attention(q, k, v, frame_tokens=g[1] * g[2],
-                                          chunk_frames=self.chunk_frames, sink_frames=self.sink_frames,
-                                          window_frames=self.window_frames)
 
 
 _CHECKPOINT_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "model.", "generator.")

@@ -1,0 +1,55 @@
+"""``CacheConfig``: partition sizes and policies of the bounded streaming cache (docs/spec.md §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Partition sizes and policies of the streaming cache (frames are latent frames)."""
+
+    chunk_frames: int = 3
+    sink_frames: int = 3            # multiple of chunk_frames
+    recent_frames: int = 6          # previous frames kept at full resolution; multiple of chunk_frames
+    mid_blocks: int = 0             # compressed blocks kept; 0: no mid memory (sink + window only)
+    top_k: Optional[int] = None     # mid blocks attended per chunk; None: all of them
+    mid_evict: str = "oldest"       # "oldest" or "lowest" (lowest selection score) when mid is full
+    select_stride: int = 8          # select_blocks query_stride
+    select_score: str = "mean"      # select_blocks score
+    max_frames_rope: int = 1024     # every temporal position stays below this (Wan: 1024)
+    theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("chunk_frames",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("sink_frames", "recent_frames", "mid_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        C = self.chunk_frames
+        if self.sink_frames % C or self.recent_frames % C:
+            raise ValueError(f"sink_frames ({self.sink_frames}) and recent_frames ({self.recent_frames}) "
+                             f"must be multiples of chunk_frames ({C})")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
+        if self.mid_evict not in ("oldest", "lowest"):
+            raise ValueError(f"mid_evict must be 'oldest' or 'lowest', got {self.mid_evict!r}")
+        if self.max_position >= self.max_frames_rope:
+            raise ValueError(
+                f"the largest temporal position sink_frames + active_mid*chunk_frames + recent_frames "
+                f"+ chunk_frames - 1 = {self.max_position} must be < max_frames_rope = "
+                f"{self.max_frames_rope}")
+
+    @property
+    def active_blocks(self) -> int:
+        """Mid blocks attended per chunk (at most)."""
+        return self.mid_blocks if self.top_k is None else min(self.top_k, self.mid_blocks)
+
+    @property
+    def max_position(self) -> int:
+        return (self.sink_frames + self.active_blocks * self.chunk_frames + self.recent_frames
+                + self.chunk_frames - 1)
