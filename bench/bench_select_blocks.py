@@ -120,7 +120,7 @@ def main():
         kp = torch.randn(1, CONTEXT, HEADS, HEAD_DIM, device=dev, dtype=dtype)
         if dev.type == "cuda":
             rng = torch.tensor([[0, CONTEXT]], dtype=torch.int32)
-            which = "vidstream.cached_attention/" + backend.backend_for("cached_attention", qa)
+            which = "vidstream.cached_attention/" + vidstream.backend_for("cached_attention", qa)
             fn = lambda: vidstream.cached_attention(qa, kp, kp, rng)
         else:
             which = "torch SDPA stand-in (cpu)"

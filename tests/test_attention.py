@@ -1,4 +1,4 @@
-"""chunk_attention (docs/spec.md §1) and cached_attention (docs/spec.md §2) on every kernel backend against the
+"""chunk_attention (docs/spec.md §1) and cached_attention (§2) on every kernel backend against the
 float64 reference, plus the property that ties them: generating chunk by chunk with
 cached_attention over a sink + ring-buffer window equals chunk_attention on the whole sequence."""
 
@@ -352,3 +352,40 @@ def test_opcheck_triton_cached_attention():
     kr = torch.tensor([[30, 40], [0, 7], [12, 12]], dtype=torch.int32)
     torch.library.opcheck(kernels.cached_attention_triton, (q, k, v, kr, 0.2),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- large logits
+
+# Where eager PyTorch in half precision overflows (float16 q.k past 65504: scores of inf, then
+# NaN) or loses the logits to rounding (bfloat16): the reference scores in float32 with the
+# scale folded into q, so the rule measures the kernels against an eager error that is finite.
+_LARGE = [pytest.param(torch.float16, 100.0, id="float16-x100"),
+          pytest.param(torch.bfloat16, 10.0, id="bfloat16-x10")]
+
+
+def _large_logit_qkv(dtype, gain, Lq, Lk, device):
+    q = torch.randn(1, Lq, 4, 64) * gain
+    k = torch.randn(1, Lk, 2, 64) * gain
+    v = torch.randn(1, Lk, 2, 64)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu"),
+                                            *backend_device_pairs()])
+@pytest.mark.parametrize("dtype,gain", _LARGE)
+def test_large_logits_half_precision(backend, device, dtype, gain):
+    require(backend, "chunk_attention", device, dtype)
+    q, k, v = _large_logit_qkv(dtype, gain, 24, 24, device)
+    naive = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2))
+    if dtype == torch.float16:
+        assert not torch.isfinite(naive).all(), "the case must overflow eager float16 scores"
+    kw = dict(frame_tokens=4, chunk_frames=2, sink_frames=1, window_frames=4)
+    out, lse = _check(backend, vidstream.chunk_attention, reference.chunk_attention, (q, k, v), kw,
+                      f"chunk {dtype} x{gain}")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    pool_k, pool_v = torch.cat([k, k]), torch.cat([v, v])  # batch 2: a second, shifted pool
+    ranges = [[3, 20], [0, 2]]
+    q2 = torch.cat([q[:, :7], q[:, 7:14]])
+    out, lse = _check(backend, vidstream.cached_attention, reference.cached_attention,
+                      (q2, pool_k, pool_v, ranges), {}, f"cached {dtype} x{gain}")
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()

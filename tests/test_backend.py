@@ -1,6 +1,7 @@
 """Which backend runs: defaults, overrides, and the errors for a backend that can't run."""
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -150,3 +151,43 @@ def test_import_without_extension_warns_once_and_still_works():
     count, *rest = r.stdout.split(maxsplit=1)
     assert count == "1", r.stdout
     assert "'cpu'" not in rest[0] and rest[0].strip().endswith("reference")
+
+
+def test_two_generators_in_two_threads_keep_their_backends(monkeypatch):
+    """A generator forced onto the reference beside one on the default kernels: every op call
+    of each thread runs on its own thread's backend."""
+    if "cpu" not in vidstream.backends():
+        pytest.skip("needs the cpu backend")
+    calls = {}
+
+    def counting(op, name, fn):
+        def wrapped(*args, **kwargs):
+            calls.setdefault(threading.current_thread().name, set()).add(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for op in testing.ops():
+        entry = backend.op(op)
+        for name, impl in list(entry.impls.items()):
+            monkeypatch.setitem(entry.impls, name, backend.Implementation(
+                counting(op, name, impl.fn), impl.gpu_validated))
+    model = vidstream.StreamingDiT("tiny", seed=0).eval()
+    text = torch.randn(1, model.config.text_len, model.config.text_dim)
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def generate(forced):
+        gen = vidstream.StreamingGenerator(model, chunk_frames=2, sink_frames=2, recent_frames=2,
+                                           mid_blocks=2, top_k=1)
+        barrier.wait()
+        with vidstream.use_backend(forced) if forced else contextlib.nullcontext():
+            results[threading.current_thread().name] = gen.generate(text, 10)
+
+    threads = [threading.Thread(target=generate, args=(f,), name=n)
+               for n, f in (("forced", "reference"), ("default", None))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == {"forced": {"reference"}, "default": {"cpu"}}
+    torch.testing.assert_close(results["forced"], results["default"], atol=1e-4, rtol=1e-4)

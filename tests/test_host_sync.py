@@ -46,7 +46,7 @@ def test_denoising_pass_is_host_sync_free(monkeypatch, mid_blocks, top_k):
     with torch.no_grad():
         # Enough chunks that the window wraps and (with mid_blocks) blocks are compressed and
         # selected; each chunk's first pass prepares its metadata, the second is checked.
-        for chunk in range(6):
+        for _ in range(6):
             x = torch.randn(1, cfg.in_dim, 2, H, W)
             cache.begin_chunk(2)
             model(x, 1000.0, text_kv, cache)

@@ -28,10 +28,10 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frame_
     """Full-sequence chunk-causal sink + window attention (docs/spec.md §1). ``q`` [B, L, H, D],
     ``k`` [B, L, H_kv, D], ``v`` [B, L, H_kv, Dv]; returns ``out`` [B, L, H, Dv] and, with
     ``return_lse``, the float32 log-sum-exp [B, H, L]."""
-    _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
+    mask = _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
     scale = checks.scale_value(scale, q.shape[3])
-    return CHUNK_ATTENTION.resolve(q)(
-        q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale, return_lse)
+    q, k, v = (checks.rows_contiguous(t) for t in (q, k, v))
+    return CHUNK_ATTENTION.resolve(q)(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
 def cached_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv_ranges, *,
@@ -42,6 +42,7 @@ def cached_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     and ``lse = -inf``."""
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
     scale = checks.scale_value(scale, q.shape[3])
+    q, k_pool, v_pool = (checks.rows_contiguous(t) for t in (q, k_pool, v_pool))
     return CACHED_ATTENTION.resolve(q)(q, k_pool, v_pool, ranges, scale, return_lse)
 
 
@@ -69,6 +70,8 @@ def check_qkv(q, k, v, k_name="k", v_name="v"):
 
 
 def _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames):
+    """Returns (chunk_frames, sink_frames, window_frames) bounded by the sequence: the same mask,
+    with no product a kernel forms able to overflow."""
     check_qkv(q, k, v)
     if k.shape[1] != q.shape[1]:
         checks.fail(f"k must have the tokens of q ({q.shape[1]}), got {k.shape[1]}")
@@ -82,6 +85,18 @@ def _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, win
         checks.positive_int(window_frames, "window_frames")
         if window_frames < chunk_frames:
             checks.fail(f"window_frames must be >= chunk_frames = {chunk_frames}, got {window_frames}")
+    return bounded_mask_params(q.shape[1] // frame_tokens, chunk_frames, sink_frames, window_frames)
+
+
+def bounded_mask_params(frames: int, chunk_frames: int, sink_frames: int, window_frames):
+    """Equivalent mask parameters no larger than the sequence (``frames`` frames): a chunk of at
+    least ``frames`` frames is one chunk; a sink of at least ``frames`` holds every frame; a
+    window reaches back from a chunk end, which is below ``2 * frames``, so any longer window
+    sees everything. Kernels then form ``x * frame_tokens`` without int64 overflow for any input."""
+    n = max(frames, 1)
+    chunk = min(chunk_frames, n)
+    window = None if window_frames is None else max(chunk, min(window_frames, 2 * n))
+    return chunk, min(sink_frames, n), window
 
 
 def _check_cached_attention(q, k_pool, v_pool, kv_ranges) -> TokenRanges:
@@ -110,18 +125,32 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[2], dim=2) if t.shape[2] != heads else t
 
 
-def masked_attention(q, k, v, mask, scale, return_lse):
-    """Eager attention: q [B, Lq, H, D], k [B, Lk, H_kv, D], v [B, Lk, H_kv, Dv], mask bool
-    [Lq, Lk] or None."""
+def dense_attention(q, k, v, scale, return_lse, keep=None):
+    """Eager attention of every query over the keys ``keep`` selects (bool [Lk], None: all):
+    q [B, Lq, H, D], k [B, Lk, H_kv, D], v [B, Lk, H_kv, Dv].
+
+    Computed the way a careful eager user would: the scale folded into q in q's dtype, scores,
+    softmax and the sum over values accumulated in float32 (float64 for float64), the
+    probabilities rounded to q's dtype as every kernel does, so half-precision logits that fit in
+    float32 never overflow. IEEE like SDPA: a NaN or Inf among the selected keys and values
+    reaches the output; keys and values outside ``keep`` cannot; with nothing selected the output
+    is zeros and lse is -inf."""
     H = q.shape[2]
-    k, v = _expand_kv(k, H), _expand_kv(v, H)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)  # [B, H, Lq]
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # a query with nothing to attend: all -inf row
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if keep is not None:
+        # Zeroed, not just masked: 0 * NaN would still reach the output.
+        v = torch.where(keep[None, :, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    k, v = _expand_kv(k, H).to(cdt), _expand_kv(v, H).to(cdt)
+    s = torch.einsum("bqhd,bkhd->bhqk", (q * scale).to(cdt), k)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, H, Lq]
+    p = torch.softmax(s, dim=-1).to(q.dtype).to(cdt)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v).to(q.dtype)
+    if keep is not None:
+        empty = ~keep.any()
+        out = torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
+        lse = torch.where(empty, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device), lse)
     if return_lse:
         return out, lse.float()
     return out
@@ -135,10 +164,39 @@ def empty_attention(q, dv: int, return_lse: bool):
     return (out, lse) if return_lse else out
 
 
+def chunk_key_spans(chunk: int, L: int, frame_tokens: int, chunk_frames: int, sink_frames: int,
+                    window_frames: int | None) -> list[tuple[int, int]]:
+    """The key token spans (at most two, ascending, non-empty) every query of ``chunk`` attends:
+    the mask of docs/spec.md §1 is the same for all queries of a chunk."""
+    end = (chunk + 1) * chunk_frames  # first frame after the chunk
+    end_tok = min(end * frame_tokens, L)
+    if window_frames is None:
+        return [(0, end_tok)]
+    sink_tok = min(sink_frames, end) * frame_tokens
+    win_tok = max(0, end - window_frames) * frame_tokens
+    if sink_tok >= win_tok:
+        return [(0, end_tok)]
+    return [(0, sink_tok)] * (sink_tok > 0) + [(win_tok, end_tok)]
+
+
 def chunk_attention_eager(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale,
                           return_lse):
-    mask = chunk_mask(q.shape[1], frame_tokens, chunk_frames, sink_frames, window_frames, q.device)
-    return masked_attention(q, k, v, mask, scale, return_lse)
+    """Chunk by chunk over exactly the keys each chunk may see: no mask, so nothing outside
+    them can reach an output."""
+    L = q.shape[1]
+    chunk_tok = chunk_frames * frame_tokens
+    outs, lses = [], []
+    for c, q0 in enumerate(range(0, L, chunk_tok)):
+        spans = chunk_key_spans(c, L, frame_tokens, chunk_frames, sink_frames, window_frames)
+        kc = torch.cat([k[:, a:b] for a, b in spans], dim=1)
+        vc = torch.cat([v[:, a:b] for a, b in spans], dim=1)
+        o, lse = dense_attention(q[:, q0:q0 + chunk_tok], kc, vc, scale, True)
+        outs.append(o)
+        lses.append(lse)
+    if not outs:
+        return empty_attention(q, v.shape[3], return_lse)
+    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+    return (out, lse) if return_lse else out
 
 
 def gather_tokens(pool: torch.Tensor, ranges: TokenRanges) -> torch.Tensor:
@@ -147,20 +205,16 @@ def gather_tokens(pool: torch.Tensor, ranges: TokenRanges) -> torch.Tensor:
 
 
 def cached_attention_eager(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse):
-    k = gather_tokens(k_pool, ranges)
-    v = gather_tokens(v_pool, ranges)
-    if k.shape[1] == 0:
-        return empty_attention(q, v_pool.shape[3], return_lse)
-    return masked_attention(q, k, v, None, scale, return_lse)
+    keep = ranges.membership(k_pool.shape[1], q.device).any(dim=0)
+    return dense_attention(q, k_pool, v_pool, scale, return_lse, keep)
 
 
 def chunk_attention_reference(q, k, v, *, frame_tokens, chunk_frames, sink_frames=0,
                               window_frames=None, scale=None, return_lse=False):
-    """``chunk_attention`` computed eagerly with a mask (the oracle)."""
-    _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
+    """``chunk_attention`` computed eagerly, chunk by chunk (the oracle)."""
+    mask = _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
     scale = checks.scale_value(scale, q.shape[3])
-    return chunk_attention_eager(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames,
-                                 scale, return_lse)
+    return chunk_attention_eager(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
 def cached_attention_reference(q, k_pool, v_pool, kv_ranges, *, scale=None, return_lse=False):

@@ -187,22 +187,27 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse)
     return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 
 
-def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
-    c = gather_tokens(c_pool, ranges)  # [B, N, d_c]
+def _decompress_tokens(c, w_uk, w_uv, k_r):
+    """K [B, N, H, d_nope + d_r] and V [B, N, H, d_v] of latents c [B, N, d_c] (k_r [B, N, d_r])."""
     k = torch.einsum("bnc,hcd->bnhd", c, w_uk)
     v = torch.einsum("bnc,hcd->bnhd", c, w_uv)
-    if k_r_pool is not None:
-        k_r = gather_tokens(k_r_pool, ranges)
+    if k_r is not None:
         k = torch.cat([k, k_r[:, :, None, :].expand(-1, -1, w_uk.shape[0], -1)], dim=-1)
     return k, v
 
 
+def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
+    k_r = None if k_r_pool is None else gather_tokens(k_r_pool, ranges)
+    return _decompress_tokens(gather_tokens(c_pool, ranges), w_uk, w_uv, k_r)
+
+
 def lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse,
                                    strategy=None):
-    """The definition (any ``strategy`` is the same thing): decompress, then attend."""
-    k, v = lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
-    whole = TokenRanges.trusted([(0, k.shape[1])], q.device)
-    return cached_attention_eager(q, k, v, whole, scale, return_lse)
+    """The definition (any ``strategy`` is the same thing): decompress, then attend. The whole
+    pool is decompressed and the ranges select keys by mask, so no token count has to be known on
+    the host (it traces under torch.compile)."""
+    k, v = _decompress_tokens(c_pool, w_uk, w_uv, k_r_pool)
+    return cached_attention_eager(q, k, v, ranges, scale, return_lse)
 
 
 def lowrank_decompress_reference(c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None):
@@ -236,7 +241,9 @@ def _decompress_triton(c_pool, w_uk, w_uv, ranges, k_r_pool):
 def _attention(backend_name: str, decompress):
     def run(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy):
         if strategy is None:
-            strategy = choose_strategy(backend_name, q.shape[0], q.shape[1], ranges.num_tokens,
+            # Values unknown (tracing a tensor): the pool length bounds the token count.
+            tokens = ranges.num_tokens if ranges.pairs is not None else c_pool.shape[1]
+            strategy = choose_strategy(backend_name, q.shape[0], q.shape[1], tokens,
                                        w_uk.shape[0], w_uk.shape[1], w_uk.shape[2],
                                        0 if k_r_pool is None else k_r_pool.shape[2], w_uv.shape[2])
         if backend_name == "cuda" and strategy == "absorb":

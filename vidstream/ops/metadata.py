@@ -14,7 +14,6 @@ same objects from user input after checking it (``checks.ranges``, ``checks.fram
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -43,16 +42,16 @@ class TokenRanges:
     def device(self) -> torch.device:
         return self.tensor.device
 
-    @cached_property
+    @property
     def num_tokens(self) -> int:
         """Tokens in the union (the ranges are disjoint)."""
         return sum(e - s for s, e in self._host())
 
-    @cached_property
+    @property
     def max_len(self) -> int:
         return max((e - s for s, e in self._host()), default=0)
 
-    @cached_property
+    @property
     def end(self) -> int:
         """One past the last token any range covers (0 without tokens)."""
         return max((e for s, e in self._host() if e > s), default=0)
@@ -61,6 +60,14 @@ class TokenRanges:
         # Reached only for untraced values: under torch.compile an op keeps to the tensor.
         return self.pairs if self.pairs is not None else tuple(
             (int(s), int(e)) for s, e in self.tensor.tolist())
+
+    def membership(self, pool_len: int, device=None) -> torch.Tensor:
+        """bool [R, pool_len]: which pool tokens each range holds, from tensor ops alone (so it
+        traces under torch.compile without the values being known)."""
+        device = self.tensor.device if device is None else device
+        r = self.tensor.to(device, torch.int64)
+        tok = torch.arange(pool_len, device=device)
+        return (tok[None, :] >= r[:, :1]) & (tok[None, :] < r[:, 1:])
 
     def token_index(self, device=None) -> torch.Tensor:
         """int64 [num_tokens]: the pool token of each range position, in range order; built once

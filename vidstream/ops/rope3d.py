@@ -31,7 +31,7 @@ def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
     ``grid`` = (F, h, w); token frames are ``frame_offset + t``. ``t_theta`` [H] gives each head
     its own temporal theta. Returns a new tensor."""
     _check_rope3d(x, grid, t_theta, theta, frame_offset)
-    return ROPE3D.resolve(x)(x, tuple(grid), frame_offset, theta, t_theta)
+    return ROPE3D.resolve(x)(checks.rows_contiguous(x), tuple(grid), frame_offset, theta, t_theta)
 
 
 def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 10000.0,
@@ -41,7 +41,9 @@ def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 
     Height/width channels and tokens outside the ranges are left untouched. ``ranges``: int
     [R, 2], pairs, or prepared ``TokenRanges``. Returns ``k_pool``."""
     rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
-    ROPE3D_SHIFT.resolve(k_pool)(k_pool, rng, delta, theta, t_theta)
+    fn = ROPE3D_SHIFT.resolve(k_pool)
+    with checks.written_in_place(k_pool) as pool:
+        fn(pool, rng, delta, theta, t_theta)
     return k_pool
 
 
@@ -56,7 +58,10 @@ def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v
     ``frame_pos = a + arange(F)``. ``frame_slots`` may be prepared ``FrameSlots`` (which carry the
     positions; ``frame_pos`` is then None). Returns ``(k_pool, v_pool)``."""
     slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
-    ROPE3D_STORE.resolve(k_pool)(k_pool, v_pool, k, v, slots, tuple(grid), theta, t_theta)
+    fn = ROPE3D_STORE.resolve(k_pool)
+    k, v = (checks.apart_from(checks.rows_contiguous(t), k_pool, v_pool) for t in (k, v))
+    with checks.written_in_place(k_pool) as kp, checks.written_in_place(v_pool) as vp:
+        fn(kp, vp, k, v, slots, tuple(grid), theta, t_theta)
     return k_pool, v_pool
 
 
@@ -73,6 +78,7 @@ def _check_rope3d(x, grid, tt, theta, frame_offset):
 def _check_rope3d_shift(k_pool, rng, delta_frames, tt, theta) -> tuple[TokenRanges, torch.Tensor]:
     """(ranges on k_pool's device, delta_frames float64 [R] on the CPU)."""
     checks.rope_input(k_pool, "k_pool")
+    checks.writable(k_pool, "k_pool")
     rng = checks.ranges(rng, k_pool.shape[1], "ranges", k_pool.device)
     delta = checks.positions(delta_frames, len(rng), "delta_frames", "R")
     checks.t_theta(tt, k_pool.shape[2])
@@ -102,29 +108,56 @@ def _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt, 
     checks.grid3(grid, k.shape[1])
     checks.t_theta(tt, k.shape[2])
     checks.rope_params(theta)
+    checks.writable(k_pool, "k_pool")
+    checks.writable(v_pool, "v_pool")
+    checks.disjoint_outputs(k_pool, "k_pool", v_pool, "v_pool")
     F, h, w = grid
     if isinstance(frame_slots, FrameSlots):
         return _prepared_slots(frame_slots, frame_pos, F, h * w, k_pool)
-    slots = frame_slots.detach().to("cpu") if isinstance(frame_slots, torch.Tensor) else (
-        torch.tensor(list(frame_slots), dtype=torch.int64))
-    if slots.dim() != 1 or slots.shape[0] != F or slots.is_floating_point():
-        checks.fail(f"frame_slots must be an int tensor [F] = [{F}], got {tuple(slots.shape)} "
-                    f"{slots.dtype}")
+    if isinstance(frame_slots, torch.Tensor):
+        if (frame_slots.dim() != 1 or frame_slots.shape[0] != F or frame_slots.is_floating_point()
+                or frame_slots.is_complex() or frame_slots.dtype == torch.bool):
+            checks.fail(f"frame_slots must be an int tensor [F] = [{F}], got "
+                        f"{tuple(frame_slots.shape)} {frame_slots.dtype}")
+        if frame_slots.device.type == "meta":
+            checks.fail("frame_slots must hold values (a CPU or CUDA tensor, or a list), got a meta "
+                        "tensor")
+        if torch.compiler.is_compiling():
+            return _traced_slots(frame_slots, frame_pos, F, h * w, k_pool)
+        host = frame_slots.detach().to("cpu", torch.int64).tolist()
+    else:
+        host = list(frame_slots)
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in host):
+            checks.fail_type(f"frame_slots must be ints, got {host!r}")
+        if len(host) != F:
+            checks.fail(f"frame_slots must be an int tensor [F] = [{F}], got {len(host)} slots")
     if frame_pos is None:
         checks.fail("frame_pos must be given (float [F]) unless frame_slots are prepared FrameSlots")
     pos = checks.positions(frame_pos, F, "frame_pos", "F")
     hw = h * w
-    slots = slots.long()
-    bad = (slots < 0) | (slots + hw > k_pool.shape[1])
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        checks.fail(f"frame_slots[{i}] = {int(slots[i])} must satisfy 0 <= slot and slot + h*w "
-                    f"({hw}) <= {k_pool.shape[1]}")
-    srt = torch.sort(slots).values
-    if srt.shape[0] > 1 and bool((srt[1:] - srt[:-1] < hw).any()):
-        checks.fail(f"frame_slots must not overlap: two slots are closer than h*w = {hw}: "
-                    f"{slots.tolist()}")
-    return FrameSlots(slots.to(k_pool.device, torch.int32).contiguous(), tuple(slots.tolist()), pos)
+    for i, s in enumerate(host):  # Python ints: checked before any cast can wrap them
+        if not 0 <= s <= k_pool.shape[1] - hw:
+            checks.fail(f"frame_slots[{i}] = {s} must satisfy 0 <= slot and slot + h*w ({hw}) "
+                        f"<= {k_pool.shape[1]}")
+    srt = sorted(host)
+    if any(b - a < hw for a, b in zip(srt, srt[1:])):
+        checks.fail(f"frame_slots must not overlap: two slots are closer than h*w = {hw}: {host}")
+    return FrameSlots(torch.tensor(host, dtype=torch.int32).to(k_pool.device), tuple(host), pos)
+
+
+def _traced_slots(frame_slots, frame_pos, frames: int, hw: int, k_pool) -> FrameSlots:
+    """Under torch.compile: the slot checks as asserts in the graph (values unknown here)."""
+    if frame_pos is None:
+        checks.fail("frame_pos must be given (float [F]) unless frame_slots are prepared FrameSlots")
+    pos = checks.positions(frame_pos, frames, "frame_pos", "F")
+    s = frame_slots.to(k_pool.device, torch.int64)
+    torch._assert_async(((s >= 0) & (s <= k_pool.shape[1] - hw)).all(),
+                        f"frame_slots: every slot must satisfy 0 <= slot and slot + h*w ({hw}) <= "
+                        f"{k_pool.shape[1]}")
+    srt = torch.sort(s).values
+    torch._assert_async((srt[1:] - srt[:-1] >= hw).all(),
+                        f"frame_slots must not overlap: slots closer than h*w = {hw}")
+    return FrameSlots(s.to(torch.int32).contiguous(), None, pos)
 
 
 def _prepared_slots(s: FrameSlots, frame_pos, frames: int, hw: int, k_pool) -> FrameSlots:
@@ -152,11 +185,14 @@ def rope3d_eager(x, grid, frame_offset, theta, t_theta):
 
 def rope3d_shift_eager_(k_pool, ranges: TokenRanges, delta_frames, theta, t_theta):
     c_t = rope_bands(k_pool.shape[3])[0]
-    angles = temporal_angles(delta_frames.to(k_pool.device, torch.float64), c_t, theta, t_theta)
-    for r, (s, e) in enumerate(ranges._host()):
-        if s < e:
-            band = k_pool[:, s:e, :, : 2 * c_t]
-            band.copy_(rotate_pairs(band, angles[r]))
+    member = ranges.membership(k_pool.shape[1], k_pool.device)  # [R, P]
+    # One delta per token (ranges are disjoint), rotated where a range holds it and kept bitwise
+    # elsewhere: tensor ops only, so this traces under torch.compile.
+    delta = delta_frames.to(k_pool.device, torch.float64)
+    per_token = torch.where(member, delta[:, None], 0.0).sum(0)  # [P]
+    band = k_pool[..., : 2 * c_t]
+    rotated = rotate_pairs(band, temporal_angles(per_token, c_t, theta, t_theta)[None])
+    band.copy_(torch.where(member.any(0)[None, :, None, None], rotated, band))
     return k_pool
 
 
@@ -171,10 +207,9 @@ def rope3d_store_eager_(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_
     t_ang = temporal_angles(pos, c_t, theta, t_theta)  # [L, Ht, c_t]
     ang = torch.cat([t_ang.expand(-1, ang.shape[1], -1), ang[:, :, c_t:]], dim=-1)
     k_rot = rotate_pairs(k, ang[None])
-    host = slots.slots if slots.slots is not None else tuple(slots.tensor.tolist())
-    for f, s in enumerate(host):
-        k_pool[:, s:s + hw] = k_rot[:, f * hw:(f + 1) * hw]
-        v_pool[:, s:s + hw] = v[:, f * hw:(f + 1) * hw]
+    token = (slots.tensor.to(k.device, torch.int64)[:, None] + torch.arange(hw, device=k.device))
+    k_pool.index_copy_(1, token.reshape(-1), k_rot)
+    v_pool.index_copy_(1, token.reshape(-1), v)
     return k_pool, v_pool
 
 

@@ -40,6 +40,7 @@ def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *
                                                score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
+    q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
     return fn(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
 
 
@@ -52,6 +53,7 @@ def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_s
                                                score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
+    q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
     return fn(q, k_pool, blocks, 0, query_stride, heads, score, scale, sums)[0]
 
 
@@ -96,9 +98,11 @@ def _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
     if heads is None:
         heads = list(range(max(1, H // 2)))
     else:
+        if not isinstance(heads, (list, tuple, range)):
+            checks.fail_type(f"heads must be a list of ints (query head indices), got {heads!r}")
         heads = list(heads)
         if any(isinstance(h, bool) or not isinstance(h, int) for h in heads):
-            checks.fail(f"heads must be a list of ints, got {heads}")
+            checks.fail_type(f"heads must be a list of ints, got {heads}")
         if not heads or any(h < 0 or h >= H for h in heads) or len(set(heads)) != len(heads):
             checks.fail(f"heads must be distinct query head indices in [0, {H}), got {heads}")
     if q.shape[1] == 0:
@@ -132,28 +136,34 @@ def _check_key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, de
 def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, score, scale,
                        key_sums=None):
     """Scores s_m [M] in q's dtype. ``key_sums`` [B, M, H_kv, D] stands in for the keys of each
-    block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it."""
+    block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it.
+    Tensor ops only, so it traces under torch.compile: each block's tokens are gathered into a
+    row padded to one length, summed in the same order for every block (equal blocks score
+    bitwise equal, so ties stay ties)."""
     H, H_kv = q.shape[2], k_pool.shape[2]
     heads_t = torch.tensor(heads, device=q.device)
     kv_t = heads_t // (H // H_kv)
     qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D]
-    ks = k_pool[:, :, kv_t]  # [B, P, Hs, D]
-    scores = []
-    for m, (s, e) in enumerate(blocks._host()):
-        kb = ks[:, s:e]
-        if score == "mean" and key_sums is not None:
-            ksum = key_sums[:, m][:, kv_t].to(q.dtype)  # [B, Hs, D]
-            scores.append((torch.einsum("bihd,bhd->bhi", qs, ksum) * scale).mean())
-        elif score == "mean":
-            dots = torch.einsum("bihd,bjhd->bhij", qs, kb) * scale
-            scores.append(dots.sum(-1).mean())
-        elif e == s:
-            scores.append(torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
-        else:
-            qbar = qs.mean(1)  # [B, Hs, D]
-            dots = torch.einsum("bhd,bjhd->bhj", qbar, kb) * scale
-            scores.append(dots.amax(-1).mean())
-    return torch.stack(scores) if scores else q.new_zeros(0)
+    if score == "mean" and key_sums is not None:
+        ksum = key_sums[:, :, kv_t].to(q.dtype)  # [B, M, Hs, D]
+        return (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
+    P = k_pool.shape[1]
+    # One zero token past the pool: where padding points (so empty blocks and an empty pool work).
+    ks = torch.cat([k_pool[:, :, kv_t], k_pool.new_zeros(q.shape[0], 1, len(heads), q.shape[3])], 1)
+    width = max(1, blocks.max_len if blocks.pairs is not None else P)
+    r = blocks.tensor.to(q.device, torch.int64)
+    token = r[:, :1] + torch.arange(width, device=q.device)  # [M, width]
+    valid = token < r[:, 1:]
+    token = torch.where(valid, token, P)
+    kb = ks[:, token]  # [B, M, width, Hs, D]: every block's keys, one batched product per block
+    if score == "mean":
+        dots = torch.einsum("bihd,bmjhd->mbhij", qs, kb) * scale  # [M, B, Hs, S, width]
+        zero = torch.zeros((), dtype=dots.dtype, device=dots.device)
+        return torch.where(valid[:, None, None, None], dots, zero).sum(-1).mean(dim=(1, 2, 3))
+    qbar = qs.mean(1)  # [B, Hs, D]
+    dots = torch.einsum("bhd,bmjhd->mbhj", qbar, kb) * scale  # [M, B, Hs, width]
+    ninf = torch.full((), float("-inf"), dtype=dots.dtype, device=dots.device)
+    return torch.where(valid[:, None, None], dots, ninf).amax(-1).mean(dim=(1, 2))
 
 
 def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:

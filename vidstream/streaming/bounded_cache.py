@@ -38,11 +38,11 @@ from ..ops.select_blocks import select_blocks
 from .compressors import (
     Compressor,
     call_compressor,
+    checked_compressor,
     compressed_tokens,
     compressor_keywords,
-    default_compressor,
 )
-from .config import CacheConfig
+from .config import CacheConfig, check_layer
 
 
 @dataclass
@@ -87,7 +87,7 @@ class StreamingKVCache:
         self.num_layers, self.batch = num_layers, batch
         self.h, self.w = (int(s) for s in frame_shape)
         self.hw = self.h * self.w
-        self.compressor = compressor if compressor is not None else default_compressor()
+        self.compressor = checked_compressor(compressor, config, (self.h, self.w))
         self._keywords = compressor_keywords(self.compressor)
         C, hw = config.chunk_frames, self.hw
         self.mid_tokens = (compressed_tokens(self.compressor, (C, self.h, self.w))
@@ -205,6 +205,7 @@ class StreamingKVCache:
         ch = self._chunk
         if ch is None:
             raise RuntimeError("attend: call begin_chunk first")
+        check_layer(layer, self.num_layers)
         F = grid[0]
         if F != ch.frames or tuple(grid[1:]) != (self.h, self.w):
             raise ValueError(f"grid must be ({ch.frames}, {self.h}, {self.w}), got {tuple(grid)}")

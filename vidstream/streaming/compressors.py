@@ -325,6 +325,22 @@ def call_compressor(compressor, keywords, k, v, grid, frame_offset, theta, t_the
     return compressor(k, v, grid=tuple(grid), **{n: extra[n] for n in keywords})
 
 
+def checked_compressor(compressor, config, frame_shape):
+    """``compressor`` (default ``default_compressor()``), refused at construction where it cannot
+    compress one chunk: what would otherwise fail the first time a chunk leaves the window."""
+    compressor = default_compressor() if compressor is None else compressor
+    if config.mid_blocks:
+        grid = (config.chunk_frames, *frame_shape)
+        try:
+            compressed_tokens(compressor, grid)
+        except ValueError as e:
+            raise ValueError(f"mid_blocks = {config.mid_blocks} needs a compressor that compresses "
+                             f"one chunk of chunk_frames = {config.chunk_frames} frames on the "
+                             f"{frame_shape[0]} x {frame_shape[1]} token grid, and "
+                             f"{type(compressor).__name__} cannot: {e}") from None
+    return compressor
+
+
 def compressed_tokens(compressor, grid) -> int:
     """Tokens ``compressor`` makes of one block on ``grid``: ``mid_tokens(grid)`` where it says,
     else found by one call on zeros."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..ops import checks
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -22,22 +24,22 @@ class CacheConfig:
     theta: float = 10000.0
 
     def __post_init__(self):
-        for name in ("chunk_frames",):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        checks.positive_int(self.chunk_frames, "chunk_frames")
         for name in ("sink_frames", "recent_frames", "mid_blocks"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            checks.positive_int(getattr(self, name), name, minimum=0)
         C = self.chunk_frames
         if self.sink_frames % C or self.recent_frames % C:
             raise ValueError(f"sink_frames ({self.sink_frames}) and recent_frames ({self.recent_frames}) "
                              f"must be multiples of chunk_frames ({C})")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
+        if self.top_k is not None:
+            checks.positive_int(self.top_k, "top_k (None or an int)", minimum=0)
         if self.mid_evict not in ("oldest", "lowest"):
             raise ValueError(f"mid_evict must be 'oldest' or 'lowest', got {self.mid_evict!r}")
+        checks.positive_int(self.select_stride, "select_stride")
+        if self.select_score not in ("mean", "max"):
+            raise ValueError(f"select_score must be 'mean' or 'max', got {self.select_score!r}")
+        checks.positive_int(self.max_frames_rope, "max_frames_rope")
+        checks.rope_params(self.theta)
         if self.max_position >= self.max_frames_rope:
             raise ValueError(
                 f"the largest temporal position sink_frames + active_mid*chunk_frames + recent_frames "
@@ -53,3 +55,9 @@ class CacheConfig:
     def max_position(self) -> int:
         return (self.sink_frames + self.active_blocks * self.chunk_frames + self.recent_frames
                 + self.chunk_frames - 1)
+
+
+def check_layer(layer, num_layers: int):
+    """A cache's ``attend(layer, ...)``: a layer the cache was built for."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be an int in [0, num_layers = {num_layers}), got {layer!r}")

@@ -15,11 +15,13 @@ is ``vidstream.use_backend`` / ``VIDSTREAM_BACKEND``, which the generator leaves
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator, Optional
 
 import torch
 
+from ..ops import checks
 from .bounded_cache import StreamingKVCache
 from .config import CacheConfig
 from .model import StreamingDiT
@@ -60,6 +62,25 @@ def warp_timesteps(timesteps, shift: float = 5.0, num_train_timesteps: int = 100
     return out
 
 
+def _check_schedule(timesteps, shift, num_train_timesteps: int = 1000):
+    """Denoising steps in (0, num_train_timesteps] and a finite shift > 0: anything else makes
+    NaN or a division by zero in the warp, or a video that was never denoised."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (
+            math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    try:
+        steps = list(timesteps)
+    except TypeError:
+        checks.fail_type(f"timesteps must be a sequence of numbers, got {timesteps!r}")
+    if not steps:
+        raise ValueError("timesteps must name at least one denoising step")
+    for t in steps:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+                math.isfinite(t) and 0 < t <= num_train_timesteps):
+            raise ValueError(f"timesteps must be numbers in (0, {num_train_timesteps}], got "
+                             f"{tuple(steps)}")
+
+
 class StreamingGenerator:
     """Generates a video of any length chunk by chunk in fixed memory.
 
@@ -76,8 +97,9 @@ class StreamingGenerator:
                  shift: float = 5.0, cache: Optional[str] = None, seed: int = 0, batch: int = 1,
                  select_stride: int = 8, max_frames_rope: int = 1024, backend: Optional[str] = None):
         self.cache_kind = cache_kind(cache, backend)
-        if not timesteps:
-            raise ValueError("timesteps must name at least one denoising step")
+        _check_schedule(timesteps, shift)
+        checks.positive_int(batch, "batch")
+        checks.positive_int(seed, "seed", minimum=0)
         self.model = model
         self.seed = seed
         self.batch = batch
@@ -96,8 +118,7 @@ class StreamingGenerator:
     def stream(self, text_embeddings: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
         """Yields the latent chunks [B, 16, F, H, W] (float32) of a ``num_frames``-frame video
         conditioned on ``text_embeddings`` [B, Lt, text_dim]; the last chunk may be shorter."""
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        checks.positive_int(num_frames, "num_frames")
         model, mc = self.model, self.model.config
         dev = model.device
         gen = torch.Generator(device=dev).manual_seed(self.seed)

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .compressors import Compressor, call_compressor, compressor_keywords, default_compressor
-from .config import CacheConfig
+from .compressors import Compressor, call_compressor, checked_compressor, compressor_keywords
+from .config import CacheConfig, check_layer
 
 
 @dataclass
@@ -55,7 +55,7 @@ class NaiveKVCache:
         self.num_layers = num_layers
         self.h, self.w = (int(s) for s in frame_shape)
         self.hw = self.h * self.w
-        self.compressor = compressor if compressor is not None else default_compressor()
+        self.compressor = checked_compressor(compressor, config, (self.h, self.w))
         self._keywords = compressor_keywords(self.compressor)
         self.t_theta = t_theta
         self.reset()
@@ -144,6 +144,9 @@ class NaiveKVCache:
 
     def attend(self, layer, q, k, v, grid):
         ch, cfg = self._chunk, self.cfg
+        if ch is None:
+            raise RuntimeError("attend: call begin_chunk first")
+        check_layer(layer, self.num_layers)
         theta = cfg.theta
         q_rot = reference.rope3d(q, grid=tuple(grid), frame_offset=ch.qpos, theta=theta,
                                  t_theta=self.t_theta)
