@@ -19,7 +19,8 @@ PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.installed
 endif
 
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/kernels/*.cu csrc/kernels/*.h csrc/kernels/*.cuh)
+# Every source and header under csrc/, at any depth: a header edit rebuilds the extension.
+EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
 BUILD_STAMP := build/.ext-$(if $(strip $(VENV)),venv,system)
 
 .PHONY: all build test demo bench lint compile-check clean

@@ -1,5 +1,5 @@
-// Input checks and host-side planning shared by the CPU and CUDA bindings of chunk_attention
-// (SPEC §1) and cached_attention (SPEC §2).
+// Host-side planning shared by the CPU and CUDA bindings of chunk_attention (docs/spec.md §1) and
+// cached_attention (§2).
 //
 // Both forms reduce to one primitive: a block of queries attends the union of a few key token
 // ranges. For chunk_attention every query of chunk c sees the same keys,
@@ -9,69 +9,24 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <utility>
 #include <vector>
 
-#include "ranges_common.h"
+#include "ranges.h"
 
 namespace vidstream {
-
-using TokenRange = std::pair<int64_t, int64_t>;  // half-open [start, end)
-
-inline void check_attention_tensor(const at::Tensor& t, const char* name, const char* dims) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D ", dims, ", got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                  t.scalar_type() == at::kBFloat16,
-              name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-}
-
-// q [B, Lq, H, D], k [B, Lk, H_kv, D], v [B, Lk, H_kv, Dv].
-inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const char* k_name, const char* v_name) {
-  check_attention_tensor(q, "q", "[B, L, H, D]");
-  check_attention_tensor(k, k_name, "[B, L, H_kv, D]");
-  check_attention_tensor(v, v_name, "[B, L, H_kv, Dv]");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), k_name,
-              " and ", v_name, " must have the dtype of q (", q.scalar_type(), "), got ",
-              k.scalar_type(), " and ", v.scalar_type());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), k_name, " and ", v_name,
-              " must be on the device of q (", q.device(), ")");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q ",
-              q.size(0), ", ", k_name, " ", k.size(0), ", ", v_name, " ", v.size(0));
-  TORCH_CHECK(k.size(3) == q.size(3), k_name, " head dim must equal q's (", q.size(3), "), got ",
-              k.size(3));
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), v_name,
-              " must have the tokens and heads of ", k_name, " (", k.size(1), ", ", k.size(2),
-              "), got (", v.size(1), ", ", v.size(2), ")");
-  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, k_name, " has ", k.size(2),
-              " heads; the query heads (", q.size(2), ") must be a multiple of it");
-}
 
 struct ChunkMaskParams {
   int64_t frame_tokens, chunk_frames, sink_frames;
   std::optional<int64_t> window_frames;
 };
 
-inline void check_chunk_params(const at::Tensor& q, const at::Tensor& k, const ChunkMaskParams& c) {
-  TORCH_CHECK(k.size(1) == q.size(1), "k must have the tokens of q (", q.size(1), "), got ",
-              k.size(1));
-  TORCH_CHECK(c.frame_tokens >= 1, "frame_tokens must be >= 1, got ", c.frame_tokens);
-  TORCH_CHECK(c.chunk_frames >= 1, "chunk_frames must be >= 1, got ", c.chunk_frames);
-  TORCH_CHECK(c.sink_frames >= 0, "sink_frames must be >= 0, got ", c.sink_frames);
-  TORCH_CHECK(q.size(1) % c.frame_tokens == 0, "the sequence length L = ", q.size(1),
-              " must be a multiple of frame_tokens = ", c.frame_tokens);
-  if (c.window_frames) {
-    TORCH_CHECK(*c.window_frames >= c.chunk_frames, "window_frames must be >= chunk_frames = ",
-                c.chunk_frames, ", got ", *c.window_frames);
-  }
-}
-
-// The key ranges (at most two, non-empty, disjoint, ascending) every query of chunk `c` attends.
+// The key ranges every query of chunk `c` attends, ascending: at most two, disjoint; for
+// parameters Python would refuse (a window shorter than a chunk, say) one may be empty or
+// inverted, which the kernels skip.
 inline std::vector<TokenRange> chunk_key_ranges(const ChunkMaskParams& p, int64_t c,
                                                 int64_t seq_len) {
   const int64_t end = (c + 1) * p.chunk_frames;  // first frame after the chunk
@@ -91,14 +46,23 @@ inline int64_t num_chunks(const ChunkMaskParams& p, int64_t seq_len) {
   return (seq_len + chunk_tok - 1) / chunk_tok;
 }
 
-// kv_ranges checked (ranges_common.h); the non-empty ones, ascending.
-inline std::vector<TokenRange> checked_kv_ranges(const at::Tensor& ranges, int64_t pool_len,
-                                                 const char* name = "kv_ranges") {
-  std::vector<TokenRange> out;
-  for (const auto& r : checked_ranges(ranges, pool_len, name))
-    if (r.first < r.second) out.emplace_back(r.first, r.second);
-  std::sort(out.begin(), out.end());
-  return out;
+// Points a kernel's params struct (CPU AttnProblem or CUDA AttentionParams: the same field
+// names) at q [B, Lq, H, D], k, v [B, Lk, H_kv, *], out [B, Lq, H, Dv] and lse [B, H, Lq].
+template <typename Params>
+void set_attention_views(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         at::Tensor& out, at::Tensor& lse) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.heads = static_cast<decltype(p.heads)>(q.size(2));
+  p.kv_heads = static_cast<decltype(p.kv_heads)>(k.size(2));
+  p.head_dim = static_cast<decltype(p.head_dim)>(q.size(3));
+  p.q_sb = q.stride(0), p.q_sl = q.stride(1), p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sl = k.stride(1), p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sl = v.stride(1), p.v_sh = v.stride(2);
+  p.o_sb = out.stride(0), p.o_sl = out.stride(1), p.o_sh = out.stride(2);
 }
 
 }  // namespace vidstream

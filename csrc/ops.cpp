@@ -1,32 +1,35 @@
 // Every vidstream operator schema, in one place. Backends register implementations in
 // TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/); the fake kernels sit beside each op's
-// Python entry point (vidstream/<op family>.py).
+// Python entry point (vidstream/ops/). Index tensors (ranges, kv_ranges, block_ranges,
+// frame_slots) are int32 on the device of the data they index: the CUDA ops never copy them to
+// the host (csrc/ranges.h).
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(vidstream, m) {
-  // SPEC §3: 3D RoPE (Wan2.1 layout), out of place.
+  // docs/spec.md §3: 3D RoPE (Wan2.1 layout), out of place.
   m.def(
       "rope3d(Tensor x, int frames, int height, int width, float frame_offset=0., "
       "float theta=10000., Tensor? t_theta=None) -> Tensor");
-  // SPEC §3: in-place temporal re-rotation of token ranges of a pool. Returns nothing
+  // docs/spec.md §3: in-place temporal re-rotation of token ranges of a pool. Returns nothing
   // so functionalization can treat it as a plain mutation.
   m.def(
       "rope3d_shift_(Tensor(a!) k_pool, Tensor ranges, Tensor delta_frames, "
       "float theta=10000., Tensor? t_theta=None) -> ()");
 
-  // SPEC §1: full-sequence chunk-causal sink + window attention. Always returns the float32
-  // log-sum-exp lse [B, H, L] beside out [B, L, H, Dv]; the Python wrapper drops it when unasked.
+  // docs/spec.md §1: full-sequence chunk-causal sink + window attention. Always returns the
+  // float32 log-sum-exp lse [B, H, L] beside out [B, L, H, Dv]; the Python wrapper drops it
+  // when unasked.
   m.def(
       "chunk_attention(Tensor q, Tensor k, Tensor v, int frame_tokens, int chunk_frames, "
       "int sink_frames, int? window_frames, float scale) -> (Tensor out, Tensor lse)");
-  // SPEC §2: one chunk's queries against the union of token ranges [R, 2] of a KV pool.
+  // docs/spec.md §2: one chunk's queries against the union of token ranges [R, 2] of a KV pool.
   m.def(
       "cached_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor kv_ranges, float scale) "
       "-> (Tensor out, Tensor lse)");
 
-  // SPEC §4: low-rank latent KV. num_tokens (the token count of kv_ranges, known to the caller
-  // after validation) makes K/V's shape computable without reading the ranges.
+  // docs/spec.md §4: low-rank latent KV. num_tokens (the token count of kv_ranges, known to the
+  // caller) makes K/V's shape computable without reading the ranges.
   m.def(
       "lowrank_decompress(Tensor c_pool, Tensor w_uk, Tensor w_uv, Tensor kv_ranges, "
       "int num_tokens, Tensor? k_r_pool=None) -> (Tensor, Tensor)");
@@ -38,14 +41,14 @@ TORCH_LIBRARY(vidstream, m) {
       "Tensor kv_ranges, Tensor? k_r_pool=None, float scale=1., bool absorb=False) "
       "-> (Tensor, Tensor)");
 
-  // SPEC §5: top-k mid-block selection. Returns (scores float32 [M], indices int64
+  // docs/spec.md §5: top-k mid-block selection. Returns (scores float32 [M], indices int64
   // [min(k, M)] ascending); heads are query heads, block_key_sums [B, M, H_kv, D] replaces
   // the keys' block sums under score "mean".
   m.def(
       "select_blocks(Tensor q, Tensor k_pool, Tensor block_ranges, int k, int query_stride, "
       "int[] heads, str score, float scale, Tensor? block_key_sums=None) -> (Tensor, Tensor)");
 
-  // SPEC §6: streaming cache helpers (schemas added by the streaming work).
+  // docs/spec.md §6: streaming cache helpers (schemas added by the streaming work).
   // Rotates k [B, L, H_kv, D] (grid F x height x width, frame f at temporal position
   // frame_pos[f]) by the 3D RoPE and writes it and v into k_pool/v_pool at tokens
   // [frame_slots[f], frame_slots[f] + height*width): one pass per chunk and layer.

@@ -1,4 +1,8 @@
-// The one reader and check of token ranges [R, 2], shared by every binding that takes ranges.
+// Index tensors as the C++ ops take them: token ranges [R, 2] and frame slots [F], int32 on the
+// device of the data they index. Their values are checked once, in Python; here only what keeps
+// a kernel inside its tensors. A CUDA binding checks the tensor's metadata and hands the device
+// pointer to a kernel that clamps every value it reads: no host copy, so no host round-trip per
+// call. A CPU binding reads the values here, where bounds are memory safety and reading is free.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,43 +16,68 @@
 
 namespace vidstream {
 
-// Fails unless the non-empty ranges [first, second) are pairwise disjoint. Empty ranges are
-// dropped before sorting: left in, one sorted between two overlapping ranges would separate
-// them and hide the overlap.
-inline void check_disjoint(const std::vector<std::pair<int32_t, int32_t>>& ranges, const char* name) {
-  std::vector<std::pair<int32_t, int32_t>> nonempty;
-  for (const auto& r : ranges)
-    if (r.first < r.second) nonempty.push_back(r);
-  std::sort(nonempty.begin(), nonempty.end());
-  for (size_t i = 1; i < nonempty.size(); ++i) {
-    const auto& a = nonempty[i - 1];
-    const auto& b = nonempty[i];
-    TORCH_CHECK(a.second <= b.first, name, " must not overlap: [", a.first, ", ", a.second,
-                ") and [", b.first, ", ", b.second, ")");
-  }
+using TokenRange = std::pair<int64_t, int64_t>;  // half-open [start, end)
+
+// The metadata of an index tensor; returns it contiguous (a copy only for a strided view, on
+// its own device).
+inline at::Tensor index_tensor(const at::Tensor& idx, const char* name, const at::Tensor& data) {
+  TORCH_CHECK(idx.scalar_type() == at::kInt, name, " must be int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.device() == data.device(), name, " must be on the device of the tensors it ",
+              "indexes (", data.device(), "), got ", idx.device());
+  return idx.contiguous();
 }
 
-// Reads ranges [R, 2] int32 (SPEC) to the host and checks them: each within [0, pool_len],
-// start <= end, the non-empty ones pairwise disjoint (empty ones allowed anywhere). Returns
-// every range, in the given order.
-inline std::vector<std::pair<int32_t, int32_t>> checked_ranges(const at::Tensor& ranges,
-                                                               int64_t pool_len,
-                                                               const char* name = "ranges") {
-  TORCH_CHECK(ranges.scalar_type() == at::kInt, name, " must be int32, got ",
-              ranges.scalar_type());
+// ranges [R, 2] into a pool of pool_len tokens, which the kernels index in int32.
+inline at::Tensor ranges_tensor(const at::Tensor& ranges, int64_t pool_len, const char* name,
+                                const at::Tensor& data) {
   TORCH_CHECK(ranges.dim() == 2 && ranges.size(1) == 2, name, " must have shape [R, 2], got ",
               ranges.sizes());
   TORCH_CHECK(pool_len <= INT32_MAX, "pools of more than 2^31 - 1 tokens are not supported");
-  const at::Tensor host = ranges.to(at::kCPU).contiguous();
+  return index_tensor(ranges, name, data);
+}
+
+// CPU: every range in the given order, each checked 0 <= start <= end <= pool_len.
+inline std::vector<TokenRange> read_ranges(const at::Tensor& ranges, int64_t pool_len,
+                                           const char* name, const at::Tensor& data) {
+  const at::Tensor host = ranges_tensor(ranges, pool_len, name, data);
   const int32_t* p = host.data_ptr<int32_t>();
-  std::vector<std::pair<int32_t, int32_t>> out;
+  std::vector<TokenRange> out;
   for (int64_t r = 0; r < host.size(0); ++r) {
     const int64_t s = p[2 * r], e = p[2 * r + 1];
     TORCH_CHECK(s >= 0 && e <= pool_len && s <= e, name, "[", r, "] = [", s, ", ", e,
                 ") must satisfy 0 <= start <= end <= ", pool_len);
-    out.emplace_back(static_cast<int32_t>(s), static_cast<int32_t>(e));
+    out.emplace_back(s, e);
   }
-  check_disjoint(out, name);
+  return out;
+}
+
+// The non-empty ranges, ascending by start: the order the CPU attention plans key blocks in.
+inline std::vector<TokenRange> sorted_nonempty(const std::vector<TokenRange>& ranges) {
+  std::vector<TokenRange> out;
+  for (const auto& r : ranges)
+    if (r.first < r.second) out.push_back(r);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// frame_slots [F]: frame f goes to pool tokens [slot, slot + frame_tokens).
+inline at::Tensor slots_tensor(const at::Tensor& frame_slots, const at::Tensor& pool) {
+  TORCH_CHECK(frame_slots.dim() == 1, "frame_slots must be 1-D [F], got ", frame_slots.sizes());
+  return index_tensor(frame_slots, "frame_slots", pool);
+}
+
+// CPU: the slots, each checked 0 <= slot and slot + frame_tokens <= pool_len.
+inline std::vector<int64_t> read_frame_slots(const at::Tensor& frame_slots, int64_t frame_tokens,
+                                             int64_t pool_len, const at::Tensor& pool) {
+  const at::Tensor host = slots_tensor(frame_slots, pool);
+  const int32_t* p = host.data_ptr<int32_t>();
+  std::vector<int64_t> out(host.size(0));
+  for (int64_t f = 0; f < host.size(0); ++f) {
+    out[f] = p[f];
+    TORCH_CHECK(out[f] >= 0 && out[f] + frame_tokens <= pool_len, "frame_slots[", f, "] = ",
+                out[f], " must satisfy 0 <= slot and slot + frame_tokens (", frame_tokens,
+                ") <= ", pool_len);
+  }
   return out;
 }
 

@@ -1,17 +1,12 @@
-// Input checks and rotation tables shared by the CPU and CUDA bindings of the rope3d ops.
-// Tables are built in float64 with ATen, then stored as float32 (cos, sin) pairs, so every
-// backend rotates by the same correctly rounded angles whatever the position magnitude.
+// Rotation tables shared by the CPU and CUDA bindings of the rope3d ops (rope3d, rope3d_shift_,
+// rope3d_store_). Tables are built in float64 with ATen, then stored as float32 (cos, sin)
+// pairs, so every backend rotates by the same correctly rounded angles whatever the position
+// magnitude.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <torch/library.h>
 
-#include "ranges_common.h"
-
-#include <algorithm>
-#include <utility>
-#include <vector>
+#include <optional>
 
 namespace vidstream {
 
@@ -22,28 +17,6 @@ struct RopeBands {
 inline RopeBands rope_bands(int64_t head_dim) {
   const int64_t c = head_dim / 2;
   return {c - 2 * (c / 3), c / 3, c / 3};
-}
-
-inline void check_pool_like(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 4, name, " must be 4-D [B, L, H, D], got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(3) % 2 == 0, name, " head dim D must be even, got ", x.size(3));
-  TORCH_CHECK(x.size(3) >= 2, name, " head dim D must be >= 2, got ", x.size(3));
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.stride(3) == 1, name, " must be contiguous in the head dim (stride(3) == 1)");
-}
-
-// A pool written in place must not have elements that share memory (an expanded view, say):
-// parallel writers would race on them.
-inline void check_writable(const at::Tensor& t) { at::assert_no_internal_overlap(t); }
-
-inline void check_t_theta(const std::optional<at::Tensor>& t_theta, const at::Tensor& x) {
-  if (!t_theta) return;
-  TORCH_CHECK(t_theta->dim() == 1 && t_theta->size(0) == x.size(2),
-              "t_theta must have shape [H] = [", x.size(2), "], got ", t_theta->sizes());
-  TORCH_CHECK(at::isFloatingType(t_theta->scalar_type()), "t_theta must be floating point, got ",
-              t_theta->scalar_type());
 }
 
 // omega[p'] = theta^(-2 p' / (2 n)) for p' < n, float64 on `device`; shape [n], or [H, n]
@@ -85,18 +58,42 @@ inline Rope3dTables rope3d_tables(int64_t frames, int64_t height, int64_t width,
   return {cos_sin_table(ang_t), cos_sin_table(ang_h), cos_sin_table(ang_w)};
 }
 
-// [R, Ht, c_t, 2] table of the temporal re-rotation by delta_frames[r].
-inline at::Tensor shift_table(const at::Tensor& delta_frames, int64_t num_ranges, double theta,
-                              const std::optional<at::Tensor>& t_theta, int64_t head_dim,
-                              at::Device device) {
-  TORCH_CHECK(delta_frames.dim() == 1 && delta_frames.size(0) == num_ranges,
-              "delta_frames must have shape [R] = [", num_ranges, "], got ", delta_frames.sizes());
+// [R, Ht, c_t, 2] table of the temporal rotation by positions[r] (float64 host values): the
+// re-rotation of rope3d_shift_ by delta_frames, and rope3d_store_'s rotation at frame_pos,
+// which so rotates at positions a + t exactly like rope3d with frame_offset a.
+inline at::Tensor temporal_table(const at::Tensor& positions, double theta,
+                                 const std::optional<at::Tensor>& t_theta, int64_t head_dim,
+                                 at::Device device) {
   const RopeBands b = rope_bands(head_dim);
-  at::Tensor d = delta_frames.to(device, at::kDouble);
+  at::Tensor d = positions.to(device, at::kDouble);
   at::Tensor om_t = band_omega(b.c_t, theta, t_theta, device);
   at::Tensor ang = t_theta ? d.view({-1, 1, 1}) * om_t.unsqueeze(0)
                            : (d.view({-1, 1}) * om_t.unsqueeze(0)).unsqueeze(1);
   return cos_sin_table(ang);
+}
+
+// rope3d_store_'s tables: the temporal one at the frame positions, those of rows and columns as
+// rope3d's.
+inline Rope3dTables rope3d_store_tables(const at::Tensor& frame_pos, int64_t height, int64_t width,
+                                        double theta, const std::optional<at::Tensor>& t_theta,
+                                        int64_t head_dim, at::Device device) {
+  Rope3dTables tab =
+      rope3d_tables(0, height, width, 0.0, theta, std::nullopt, head_dim, device);
+  tab.temporal = temporal_table(frame_pos, theta, t_theta, head_dim, device);
+  return tab;
+}
+
+// The band sizes and tables of `tab` as the CUDA params structs name them.
+template <typename Params>
+void set_rope_tables(Params& p, const Rope3dTables& tab, int64_t head_dim) {
+  const RopeBands bands = rope_bands(head_dim);
+  p.c_t = static_cast<int>(bands.c_t);
+  p.c_h = static_cast<int>(bands.c_h);
+  p.c_w = static_cast<int>(bands.c_w);
+  p.table_t = tab.temporal.data_ptr<float>();
+  p.table_h = tab.height.data_ptr<float>();
+  p.table_w = tab.width.data_ptr<float>();
+  p.t_heads = static_cast<int>(tab.temporal.size(1));
 }
 
 }  // namespace vidstream

@@ -27,7 +27,9 @@ def test_opcheck_cpp_ops(device):
     if device == "cuda":
         require("cuda", "rope3d", device, torch.float32)
     torch.library.opcheck(torch.ops.vidstream.rope3d.default, _rope_args(device))
-    torch.library.opcheck(torch.ops.vidstream.rope3d_shift_.default, _shift_args(device))
+    pool, ranges, *rest = _shift_args(device)  # the C++ ops take ranges on the pool's device
+    torch.library.opcheck(torch.ops.vidstream.rope3d_shift_.default,
+                          (pool, ranges.to(device), *rest))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -245,9 +245,11 @@ def test_opcheck(device, sums, score):
     require(device, "select_blocks", device, torch.float32)
     args = list(_op_args(sums=sums, device=device))
     args[6] = score
+    args[2] = args[2].to(device)  # the C++ ops take ranges on the device of q
     torch.library.opcheck(torch.ops.vidstream.select_blocks.default, tuple(args))
-    torch.library.opcheck(torch.ops.vidstream.select_blocks.default,
-                          tuple(_op_args(B=2, Lq=9, H=2, H_kv=1, M=7, k=9, sums=sums, device=device)))
+    args = list(_op_args(B=2, Lq=9, H=2, H_kv=1, M=7, k=9, sums=sums, device=device))
+    args[2] = args[2].to(device)
+    torch.library.opcheck(torch.ops.vidstream.select_blocks.default, tuple(args))
 
 
 def test_opcheck_triton_schema_and_fake():

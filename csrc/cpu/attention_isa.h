@@ -1,9 +1,12 @@
 // The tiled online-softmax attention kernel of csrc/cpu/attention.cpp, written once with GCC
-// vector extensions and compiled once per instruction set: attention.cpp includes this file
-// inside a namespace under a target pragma with VS (floats per vector), MR (rows of the register
-// tile) and NC (vectors across the register tile) defined. Deliberately no include guard (it is
-// included once per instruction set) and no includes (headers must be compiled for the baseline
-// target). It sits in csrc/ so the Makefile's header list rebuilds the extension when it changes.
+// vector extensions and compiled once per instruction set by cpu/isa_dispatch.h. No include
+// guard and no includes (see isa_dispatch.h).
+
+// The register tile: MR rows by NC vectors of VS floats, as many accumulators as the ISA's
+// vector registers hold beside the operands (32 zmm: 4 x 4; 16 ymm: 6 x 2; 16 xmm: 4 x 2).
+constexpr int VS = kVectorBytes / 4;
+constexpr int MR = VS == 8 ? 6 : 4;
+constexpr int NC = VS == 16 ? 4 : 2;
 
 typedef float vf __attribute__((vector_size(VS * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VS * 4), aligned(4)));
@@ -191,7 +194,7 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
       const float l = Lsum[i];
       for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(O[i * dvp + e] / l);
       lb[q0 + i] = M[i] + __builtin_logf(Lsum[i]);
-    } else {  // nothing to attend: the empty union of SPEC §2
+    } else {  // nothing to attend: the empty union of docs/spec.md §2
       for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(0.f);
       lb[q0 + i] = ninf;
     }
@@ -206,3 +209,5 @@ static void attend_tile_any(const AttnProblem& p, const WorkItem& it, const Toke
     default: return attend_tile<at::BFloat16>(p, it, ranges, num_ranges, scratch);
   }
 }
+
+const IsaKernels kKernels = {&attend_tile_any, &scratch_floats};

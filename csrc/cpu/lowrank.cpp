@@ -1,4 +1,4 @@
-// C++ CPU kernels of the low-rank latent KV ops (SPEC §4).
+// C++ CPU kernels of the low-rank latent KV ops (docs/spec.md §4).
 //
 // lowrank_decompress: tiles of 64 tokens; each tile's latents are gathered once (in range order,
 // converted to float32), multiplied by every head's K and V up-projections in one GEMM, and the
@@ -23,8 +23,11 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "lowrank_common.h"
+#include "ranges.h"
+#include "tensor_checks.h"
 
 namespace vidstream {
 namespace {
@@ -83,20 +86,25 @@ void decompress_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cpu(const at::Tensor& c_pool,
-                                                          const at::Tensor& w_uk,
-                                                          const at::Tensor& w_uv,
-                                                          const at::Tensor& kv_ranges,
-                                                          int64_t num_tokens,
-                                                          const std::optional<at::Tensor>& k_r_pool) {
-  const LowRankDims d = check_lowrank(c_pool, w_uk, w_uv, k_r_pool);
-  TORCH_CHECK(c_pool.device().is_cpu(), "c_pool must be a CPU tensor for the CPU kernel");
-  const auto ranges = checked_kv_ranges(kv_ranges, d.pool);
-  const std::vector<int32_t> idx = range_tokens(ranges);
+// Checks and reads the inputs both ops share: the pool position of every token of kv_ranges,
+// in range order.
+std::vector<int32_t> lowrank_tokens(const at::Tensor& c_pool, const at::Tensor& w_uk,
+                                    const at::Tensor& w_uv, const at::Tensor& kv_ranges,
+                                    const std::optional<at::Tensor>& k_r_pool) {
+  check_lowrank_args(c_pool, w_uk, w_uv, k_r_pool, at::kCPU);
+  return range_tokens(read_ranges(kv_ranges, c_pool.size(1), "kv_ranges", c_pool));
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cpu(
+    const at::Tensor& c_pool, const at::Tensor& w_uk, const at::Tensor& w_uv,
+    const at::Tensor& kv_ranges, int64_t num_tokens, const std::optional<at::Tensor>& k_r_pool) {
+  const std::vector<int32_t> idx = lowrank_tokens(c_pool, w_uk, w_uv, kv_ranges, k_r_pool);
+  // K and V have num_tokens rows and the kernel writes one per token of the ranges.
   TORCH_CHECK(static_cast<int64_t>(idx.size()) == num_tokens, "num_tokens must equal the ",
               "number of tokens in kv_ranges (", idx.size(), "), got ", num_tokens);
-  at::Tensor k = at::empty({d.batch, num_tokens, d.heads, d.d_nope + d.d_r}, c_pool.options());
-  at::Tensor v = at::empty({d.batch, num_tokens, d.heads, d.d_v}, c_pool.options());
+  const LowRankDims d = lowrank_dims(c_pool, w_uk, w_uv, k_r_pool);
+  at::Tensor k, v;
+  std::tie(k, v) = decompressed_kv(c_pool, d, num_tokens);
   if (k.numel() == 0 && v.numel() == 0) return {k, v};
   const at::Tensor w_cat = stacked_up_projection(w_uk, w_uv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
@@ -215,11 +223,9 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     const at::Tensor& q, const at::Tensor& c_pool, const at::Tensor& w_uk, const at::Tensor& w_uv,
     const at::Tensor& kv_ranges, const std::optional<at::Tensor>& k_r_pool, double scale,
     bool absorb) {
-  const LowRankDims d = check_lowrank(c_pool, w_uk, w_uv, k_r_pool);
-  check_lowrank_query(q, c_pool, d);
-  TORCH_CHECK(c_pool.device().is_cpu(), "c_pool must be a CPU tensor for the CPU kernel");
-  const auto ranges = checked_kv_ranges(kv_ranges, d.pool);
-  const std::vector<int32_t> idx = range_tokens(ranges);
+  const std::vector<int32_t> idx = lowrank_tokens(c_pool, w_uk, w_uv, kv_ranges, k_r_pool);
+  check_lowrank_query(q, c_pool, w_uk, k_r_pool);
+  const LowRankDims d = lowrank_dims(c_pool, w_uk, w_uv, k_r_pool);
   const int64_t B = d.batch, Lq = q.size(1), H = d.heads;
   at::Tensor out = at::empty({B, Lq, H, d.d_v}, q.options());
   at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));

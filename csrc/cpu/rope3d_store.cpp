@@ -3,7 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "kv_store_common.h"
+#include "ranges.h"
+#include "rope3d_common.h"
+#include "tensor_checks.h"
 
 namespace vidstream {
 namespace {
@@ -69,20 +71,16 @@ void rope3d_store_cpu(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& 
                       const at::Tensor& v, const at::Tensor& frame_slots,
                       const at::Tensor& frame_pos, int64_t height, int64_t width, double theta,
                       const std::optional<at::Tensor>& t_theta) {
-  TORCH_CHECK(frame_slots.dim() == 1, "frame_slots must be 1-D [F], got ", frame_slots.sizes());
-  const int64_t frames = frame_slots.size(0);
-  check_store_args(k_pool, v_pool, k, v, frames, height, width);
-  TORCH_CHECK(k_pool.device().is_cpu(), "k_pool must be a CPU tensor for the CPU kernel");
-  check_t_theta(t_theta, k);
-  const auto slots = checked_frame_slots(frame_slots, height * width, k_pool.size(1));
-  const at::Tensor tab_t =
-      temporal_table_at(frame_pos, frames, theta, t_theta, k.size(3), k.device());
+  const int64_t frames = slots_tensor(frame_slots, k_pool).size(0);
+  check_rope3d_store_args(k_pool, v_pool, k, v, frames, frame_pos, height, width, t_theta,
+                          at::kCPU);
+  const auto slots = read_frame_slots(frame_slots, height * width, k_pool.size(1), k_pool);
   if (k.numel() == 0) return;
-  const Rope3dTables hw_tab =
-      rope3d_tables(0, height, width, 0.0, theta, std::nullopt, k.size(3), k.device());
+  const Rope3dTables tab =
+      rope3d_store_tables(frame_pos, height, width, theta, t_theta, k.size(3), k.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "rope3d_store_cpu", [&] {
-    rope3d_store_cpu_kernel<scalar_t>(k_pool, v_pool, k, v, slots, tab_t, hw_tab.height,
-                                      hw_tab.width, width);
+    rope3d_store_cpu_kernel<scalar_t>(k_pool, v_pool, k, v, slots, tab.temporal, tab.height,
+                                      tab.width, width);
   });
 }
 

@@ -1,6 +1,6 @@
-// C++ CPU kernel of select_blocks (SPEC §5). "mean" never forms QK^T: it reduces the sampled
-// queries to one sum per (batch, head) and each block's keys to one sum per (batch, kv head),
-// then takes D-long dot products. "max" reduces the queries to their mean and takes one dot
+// C++ CPU kernel of select_blocks (docs/spec.md §5). "mean" never forms QK^T: it reduces the
+// sampled queries to one sum per (batch, head) and each block's keys to one sum per (batch,
+// kv head), then takes D-long dot products. "max" reduces the queries to their mean and takes one dot
 // product per key. Sums run in float64: they are O((|S| + tokens) * D) adds, cheap next to the
 // memory traffic, and keep the scores at least as accurate as eager float32.
 // Work is split over blocks; per-block arithmetic is fixed, so equal blocks score equally.
@@ -9,7 +9,9 @@
 
 #include <limits>
 
+#include "ranges.h"
 #include "select_common.h"
+#include "tensor_checks.h"
 
 namespace vidstream {
 namespace {
@@ -81,7 +83,8 @@ inline void dot4_f(const float* a, const T* r0, const T* r1, const T* r2, const 
 
 template <typename T>
 void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const SelectProblem& p,
-                       int64_t query_stride, const std::vector<int64_t>& heads,
+                       const std::vector<TokenRange>& ranges, int64_t query_stride,
+                       const std::vector<int64_t>& heads,
                        const std::vector<int64_t>& kv_of, double scale, const at::Tensor& sums,
                        float* out) {
   const int64_t B = p.batch, D = p.head_dim, Hs = static_cast<int64_t>(heads.size());
@@ -123,7 +126,7 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
         for (int64_t b = 0; b < B; ++b) {
           if (sp == nullptr) {
             std::fill(ksum.begin(), ksum.end(), 0.0);
-            const int64_t s = p.ranges[m].first, len = p.ranges[m].second - s;
+            const int64_t s = ranges[m].first, len = ranges[m].second - s;
             for (int64_t u = 0; u < U; ++u)
               add_rows(ksum.data() + u * D, kp + b * skb + s * skl + kv_used[u] * skh, skl, len,
                        D, tmp.data());
@@ -155,7 +158,7 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
   at::parallel_for(0, p.blocks, grain_for(B * Hs * D * avg_len), [&](int64_t begin, int64_t end) {
     std::vector<double> best(Hs);
     for (int64_t m = begin; m < end; ++m) {
-      const int64_t s = p.ranges[m].first, e = p.ranges[m].second;
+      const int64_t s = ranges[m].first, e = ranges[m].second;
       if (s == e) {
         out[m] = -std::numeric_limits<float>::infinity();
         continue;
@@ -188,9 +191,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& block_ranges, int64_t k,
     int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
     const std::optional<at::Tensor>& block_key_sums) {
-  const SelectProblem p =
-      check_select_inputs(q_in, k_in, block_ranges, k, query_stride, heads, score, block_key_sums);
-  TORCH_CHECK(q_in.device().is_cpu(), "q must be a CPU tensor for the CPU kernel");
+  check_select_blocks_args(q_in, k_in, k, query_stride, heads, at::kCPU);
+  const std::vector<TokenRange> ranges =
+      read_ranges(block_ranges, k_in.size(1), "block_ranges", q_in);
+  const int64_t blocks = static_cast<int64_t>(ranges.size());
+  check_block_key_sums(block_key_sums, q_in, k_in, blocks);
+  const SelectProblem p = select_problem(q_in, k_in, blocks, query_stride, score);
   // The inner loops walk the head dim with unit stride.
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k_pool = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
@@ -205,8 +211,9 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
   float* sp = scores.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "select_blocks_cpu",
                                   [&] {
-                                    select_scores_cpu<scalar_t>(q, k_pool, p, query_stride, hv,
-                                                                kv_of, scale, sums, sp);
+                                    select_scores_cpu<scalar_t>(q, k_pool, p, ranges,
+                                                                query_stride, hv, kv_of, scale,
+                                                                sums, sp);
                                   });
   const std::vector<int64_t> top = topk_ascending(sp, p.blocks, k);
   at::Tensor idx = at::empty({static_cast<int64_t>(top.size())}, q.options().dtype(at::kLong));

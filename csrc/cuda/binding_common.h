@@ -1,5 +1,5 @@
-// Shared by the CUDA bindings: the kernels' element type of a tensor, and the alignment the
-// kernels' vector accesses need.
+// Shared by the CUDA bindings: the kernels' element type of a tensor, its strides as the params
+// structs take them, and the alignment the kernels' vector accesses need.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "kernels/rope3d.h"  // ElemType
+#include "kernels/elem_type.h"
 
 namespace vidstream {
 
@@ -20,6 +20,23 @@ inline ElemType elem_type(const at::Tensor& t) {
   }
 }
 
+// The element type and sizes of x [B, L, H, D], as the params structs name them.
+template <typename Params>
+void set_bthd(Params& p, const at::Tensor& x) {
+  p.dtype = elem_type(x);
+  p.batch = x.size(0);
+  p.tokens = x.size(1);
+  p.heads = x.size(2);
+  p.head_dim = x.size(3);
+}
+
+// Strides of the first three dims (batch, token, head), in elements.
+inline void strides3(const at::Tensor& t, int64_t& b, int64_t& l, int64_t& h) {
+  b = t.stride(0);
+  l = t.stride(1);
+  h = t.stride(2);
+}
+
 // Whether every head row of t starts at a multiple of `elems` elements, so a kernel can access
 // `elems` elements at a time.
 inline bool rows_aligned(const at::Tensor& t, int64_t elems) {
@@ -30,5 +47,11 @@ inline bool rows_aligned(const at::Tensor& t, int64_t elems) {
 
 // Rotation pairs moved as one 2-element vector.
 inline bool pair_aligned(const at::Tensor& t) { return rows_aligned(t, 2); }
+
+// t itself when its head rows are contiguous and aligned to `elems` elements, else such a copy
+// (clone, not contiguous(): a contiguous tensor may still start misaligned).
+inline at::Tensor aligned_rows(const at::Tensor& t, int64_t elems) {
+  return t.stride(3) == 1 && rows_aligned(t, elems) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 }  // namespace vidstream

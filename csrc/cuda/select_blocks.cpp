@@ -1,11 +1,14 @@
-// CUDA binding of select_blocks: checks inputs, uploads heads and ranges, allocates the small
-// workspaces and launches the torch-free kernels of csrc/kernels/select_blocks.cu.
+// CUDA binding of select_blocks: checks inputs, allocates the small workspaces and launches
+// the torch-free kernels of csrc/kernels/select_blocks.cu. Nothing is copied between host and
+// device: the heads travel in the params struct, the ranges stay on the device.
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
-#include "kernels/select_blocks.h"
-#include "select_common.h"
 #include "cuda/binding_common.h"
+#include "cuda/check_launch.h"
+#include "kernels/select_blocks.h"
+#include "ranges.h"
+#include "select_common.h"
+#include "tensor_checks.h"
 
 namespace vidstream {
 namespace {
@@ -14,12 +17,15 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& block_ranges, int64_t k,
     int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
     const std::optional<at::Tensor>& block_key_sums) {
-  const SelectProblem p =
-      check_select_inputs(q_in, k_in, block_ranges, k, query_stride, heads, score, block_key_sums);
-  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel");
+  check_select_blocks_args(q_in, k_in, k, query_stride, heads, at::kCUDA);
+  const at::Tensor ranges = ranges_tensor(block_ranges, k_in.size(1), "block_ranges", q_in);
+  check_block_key_sums(block_key_sums, q_in, k_in, ranges.size(0));
+  const SelectProblem p = select_problem(q_in, k_in, ranges.size(0), query_stride, score);
   TORCH_CHECK(p.head_dim <= kSelectMaxHeadDim, "head dim D must be <= ", kSelectMaxHeadDim,
               " for the CUDA kernel, got ", p.head_dim);
   TORCH_CHECK(p.blocks < (int64_t{1} << 31), "too many blocks: ", p.blocks);
+  TORCH_CHECK(!heads.empty() && static_cast<int64_t>(heads.size()) <= kSelectMaxHeads,
+              "the CUDA kernel scores 1 to ", kSelectMaxHeads, " heads, got ", heads.size());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor kp = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
@@ -31,11 +37,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   const at::Tensor sums = (block_key_sums && p.mean)
                               ? block_key_sums->to(q.device(), at::kFloat).contiguous()
                               : at::Tensor();
-  std::vector<int32_t> hv(heads.begin(), heads.end());
-  const at::Tensor heads_dev =
-      at::tensor(hv, at::TensorOptions().dtype(at::kInt)).to(q.device(), /*non_blocking=*/false);
-  const at::Tensor ranges_dev = block_ranges.to(q.device(), at::kInt).contiguous();
-  const int64_t hs = static_cast<int64_t>(hv.size());
+  const int64_t hs = static_cast<int64_t>(heads.size());
   at::Tensor qpart =
       at::empty({p.batch * hs * kSelectQuerySplit * p.head_dim}, q.options().dtype(at::kDouble));
   at::Tensor counter = at::empty({1}, q.options().dtype(at::kInt));
@@ -47,26 +49,19 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   a.batch = p.batch;
   a.q_len = p.q_len;
   a.head_dim = p.head_dim;
+  a.pool_tokens = p.pool_len;
   a.kv_group = p.heads / p.kv_heads;
-  a.q_stride_b = q.stride(0);
-  a.q_stride_l = q.stride(1);
-  a.q_stride_h = q.stride(2);
-  a.k_stride_b = kp.stride(0);
-  a.k_stride_l = kp.stride(1);
-  a.k_stride_h = kp.stride(2);
-  a.heads = heads_dev.data_ptr<int32_t>();
+  strides3(q, a.q_stride_b, a.q_stride_l, a.q_stride_h);
+  strides3(kp, a.k_stride_b, a.k_stride_l, a.k_stride_h);
+  for (int64_t i = 0; i < hs; ++i) a.heads[i] = static_cast<int32_t>(heads[i]);
   a.num_heads = static_cast<int>(hs);
-  a.ranges = ranges_dev.data_ptr<int32_t>();
+  a.ranges = ranges.data_ptr<int32_t>();
   a.num_blocks = static_cast<int>(p.blocks);
   a.query_stride = query_stride;
   a.sampled = p.sampled;
   a.mean = p.mean;
   a.key_sums = sums.defined() ? sums.data_ptr<float>() : nullptr;
-  if (sums.defined()) {
-    a.s_stride_b = sums.stride(0);
-    a.s_stride_m = sums.stride(1);
-    a.s_stride_h = sums.stride(2);
-  }
+  if (sums.defined()) strides3(sums, a.s_stride_b, a.s_stride_m, a.s_stride_h);
   a.scale = static_cast<float>(scale);
   a.norm = p.mean ? scale / static_cast<double>(p.batch * hs * p.sampled)
                   : 1.0 / static_cast<double>(p.batch * hs);
@@ -75,9 +70,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   a.scores = scores.data_ptr<float>();
   a.indices = indices.data_ptr<int64_t>();
   a.top_k = static_cast<int>(n);
-  const int err = launch_select_blocks(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "select_blocks launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  check_launch(launch_select_blocks(a, current_stream()), "select_blocks");
   return {scores, indices};
 }
 

@@ -1,4 +1,4 @@
-// CUDA kernels of chunk_attention (SPEC §1) and cached_attention (SPEC §2): a FlashAttention-2
+// CUDA kernels of chunk_attention (docs/spec.md §1) and cached_attention (§2): a FlashAttention-2
 // style forward on sm_80+ tensor cores (mma.sync.m16n8k16, fp16/bf16 in, fp32 accumulation).
 //
 // A CTA of 4 warps owns 64 queries of one (batch, head); each warp owns 16 rows and keeps its
@@ -6,14 +6,19 @@
 // blocks of 64 (K row-major, V transposed so both MMAs read 32-bit fragment pairs). The key
 // ranges and which blocks need the mask follow the same arithmetic as the Triton kernel: for the
 // chunk form at most two ranges (sink, window) per query block, interior blocks unmasked; for the
-// cached form the given ranges, only each range's tail block masked.
+// cached form the given ranges (read on the device and clamped to the pool), only each range's
+// tail block masked.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention.h"
+#include "convert.cuh"
+#include "launch.cuh"
+#include "ranges.cuh"
 
 namespace vidstream {
 namespace {
@@ -24,42 +29,30 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kPad = 8;  // shared-memory row padding (elements): conflict-free fragment reads
 
+// D += A.B of one m16n8k16 tensor-core step; TYPE is the PTX name of the element type.
+#define VIDSTREAM_MMA_M16N8K16(TYPE, d, a, b0, b1)                                         \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                      \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+// T is __half or __nv_bfloat16.
 template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
+struct Mma {
+  static __device__ __forceinline__ PairOf<T> pair(float a, float b) {
+    return from_float2<T>(make_float2(a, b));
+  }
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
+    auto h = pair(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __half2 pair(float a, float b) { return __floats2half2_rn(a, b); }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ __nv_bfloat162 pair(float a, float b) {
-    return __floats2bfloat162_rn(a, b);
+    if constexpr (std::is_same_v<T, __half>) {
+      VIDSTREAM_MMA_M16N8K16("f16", d, a, b0, b1);
+    } else {
+      VIDSTREAM_MMA_M16N8K16("bf16", d, a, b0, b1);
+    }
   }
 };
 
@@ -70,33 +63,24 @@ __device__ __forceinline__ uint32_t ld32(const T* p) {
 
 // Rows [row0, row0 + kBlockN) of a [*, D] operand into shared memory; rows at or past row_end
 // become zeros (so a partial block multiplies zeros, never memory outside the range).
-template <typename T, int D>
-__device__ __forceinline__ void load_rows(T (*dst)[D + kPad], const T* src, int64_t stride_l,
-                                          int64_t row0, int64_t row_end) {
+// TRANSPOSED stores them [D][keys] (V, so the P.V MMA reads key pairs as 32 bits), else
+// [keys][D].
+template <bool TRANSPOSED, int D, typename T, typename Dst>
+__device__ __forceinline__ void load_rows(Dst dst, const T* src, int64_t stride_l, int64_t row0,
+                                          int64_t row_end) {
   constexpr int kVecs = D / 8;
   for (int c = threadIdx.x; c < kBlockN * kVecs; c += kThreads) {
     const int r = c / kVecs, col = (c % kVecs) * 8;
     const int64_t row = row0 + r;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (row < row_end) val = *reinterpret_cast<const uint4*>(src + row * stride_l + col);
-    *reinterpret_cast<uint4*>(&dst[r][col]) = val;
-  }
-}
-
-// The same rows of V, stored transposed ([D][keys]) so the P.V MMA reads key pairs as 32 bits.
-template <typename T, int D>
-__device__ __forceinline__ void load_rows_transposed(T (*dst)[kBlockN + kPad], const T* src,
-                                                     int64_t stride_l, int64_t row0,
-                                                     int64_t row_end) {
-  constexpr int kVecs = D / 8;
-  for (int c = threadIdx.x; c < kBlockN * kVecs; c += kThreads) {
-    const int r = c / kVecs, col = (c % kVecs) * 8;
-    const int64_t row = row0 + r;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row < row_end) val = *reinterpret_cast<const uint4*>(src + row * stride_l + col);
-    const T* e = reinterpret_cast<const T*>(&val);
+    if constexpr (TRANSPOSED) {
+      const T* e = reinterpret_cast<const T*>(&val);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) dst[col + i][r] = e[i];
+      for (int i = 0; i < 8; ++i) dst[col + i][r] = e[i];
+    } else {
+      *reinterpret_cast<uint4*>(&dst[r][col]) = val;
+    }
   }
 }
 
@@ -131,8 +115,8 @@ __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, cons
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
   __syncthreads();  // the previous block's readers are done with the buffers
-  load_rows<T, D>(sm.k, kbase, p.k_sl, n0, range_end);
-  load_rows_transposed<T, D>(sm.vt, vbase, p.v_sl, n0, range_end);
+  load_rows<false, D>(sm.k, kbase, p.k_sl, n0, range_end);
+  load_rows<true, D>(sm.vt, vbase, p.v_sl, n0, range_end);
   __syncthreads();
 
   float s[kBlockN / 8][4];
@@ -240,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
 
   Tile<T, D> t;
-  load_rows<T, D>(sm.k, qbase, p.q_sl, m0, p.q_len);  // kBlockM == kBlockN rows
+  load_rows<false, D>(sm.k, qbase, p.q_sl, m0, p.q_len);  // kBlockM == kBlockN rows
   __syncthreads();
 #pragma unroll
   for (int ks = 0; ks < Tile<T, D>::kSteps; ++ks) {
@@ -280,8 +264,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     }
   } else {
     for (int r = 0; r < p.num_ranges; ++r) {
-      const int64_t rs = p.ranges[2 * r], re = p.ranges[2 * r + 1];
-      attend_range<T, D, false>(t, sm, p, kbase, vbase, rs, re, rs, re, m0);
+      const TokenSpan s = clamped_range(p.ranges, r, p.kv_len);
+      attend_range<T, D, false>(t, sm, p, kbase, vbase, s.start, s.end, s.start, s.end, m0);
     }
   }
 
@@ -319,18 +303,21 @@ cudaError_t launch_typed(const AttentionParams& p, cudaStream_t stream) {
   } else {
     return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
+  return launch_status();
 }
 
 template <bool CHUNK>
 int launch(const AttentionParams& p, void* stream) {
   if (p.q_len == 0 || p.batch == 0 || p.heads == 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case ElemType::kFloat16: return static_cast<int>(launch_typed<__half, CHUNK>(p, s));
-    case ElemType::kBFloat16: return static_cast<int>(launch_typed<__nv_bfloat16, CHUNK>(p, s));
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_elem_type(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // tensor cores take 16-bit inputs only
+    } else {
+      return launch_typed<T, CHUNK>(p, s);
+    }
+  });
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
-// Torch-free interface of the chunk_attention / cached_attention CUDA kernels (SPEC §1, §2).
+// Torch-free interface of the chunk_attention / cached_attention CUDA kernels (docs/spec.md §1,
+// §2).
 // Included by the torch binding (host compiler) and by attention.cu (nvcc).
 #pragma once
 
 #include <cstdint>
 
-#include "rope3d.h"  // ElemType
+#include "elem_type.h"
 
 namespace vidstream {
 
@@ -21,9 +22,10 @@ struct AttentionParams {
   // 16-byte aligned: the kernel moves 8 elements per vector load.
   int64_t q_sb, q_sl, q_sh, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, o_sb, o_sl, o_sh;
   float scale_log2;  // softmax scale times log2(e)
-  // chunk_attention only: the mask of SPEC §1; window_frames < 0 means no window.
+  // chunk_attention only: the mask of docs/spec.md §1; window_frames < 0 means no window.
   int64_t frame_tokens, chunk_frames, sink_frames, window_frames;
-  // cached_attention only: device int32 [num_ranges, 2], checked by the caller.
+  // cached_attention only: device int32 [num_ranges, 2], unchecked values: the kernel clamps
+  // each range to [0, kv_len] and skips empty ones.
   const int32_t* ranges;
   int num_ranges;
 };

@@ -1,25 +1,29 @@
-// Torch-free interface of the low-rank KV CUDA kernel (SPEC §4): params struct and launcher.
-// Included by the torch binding (host compiler) and by lowrank.cu (nvcc).
+// Torch-free interface of the low-rank KV CUDA kernel (docs/spec.md §4): params struct and
+// launcher. Included by the torch binding (host compiler) and by lowrank.cu (nvcc).
 #pragma once
 
 #include <cstdint>
 
-#include "rope3d.h"  // ElemType, shared by every kernel family
+#include "elem_type.h"
 
 namespace vidstream {
 
-// K [B, N, H, d_nope + d_r] and V [B, N, H, d_v] (contiguous) of the tokens token_idx[0:N]
-// of the latent pool c_pool [B, P, d_c] (and the shared positional key k_r_pool [B, P, d_r]).
+// K [B, N, H, d_nope + d_r] and V [B, N, H, d_v] (contiguous) of the first N tokens of the
+// ranges of the latent pool c_pool [B, P, d_c] (and the shared positional key k_r_pool
+// [B, P, d_r]), tokens taken range by range.
 struct LowRankDecompressParams {
   const void* c_pool;
   const void* k_r_pool;  // null when d_r == 0
   const void* w_uk;      // [H, d_c, d_nope] contiguous
   const void* w_uv;      // [H, d_c, d_v] contiguous
-  const int32_t* token_idx;  // device [N]: pool position of each output token
+  // device [R, 2], unchecked values: the kernel clamps them to the pool, and writes zeros for
+  // output tokens past the ranges' last token.
+  const int32_t* ranges;
+  int num_ranges;
   void* k;
   void* v;
   ElemType dtype;
-  int64_t batch, tokens, heads, d_c, d_nope, d_r, d_v;
+  int64_t batch, tokens, pool_tokens, heads, d_c, d_nope, d_r, d_v;
   int64_t c_stride_b, c_stride_l, c_stride_c;  // in elements
   int64_t r_stride_b, r_stride_l, r_stride_d;
 };

@@ -4,9 +4,9 @@
 
 #include <cstdint>
 
-namespace vidstream {
+#include "elem_type.h"
 
-enum class ElemType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace vidstream {
 
 // Out-of-place 3D RoPE of x [B, L, H, D] into out (same shape).
 struct Rope3dParams {
@@ -30,11 +30,10 @@ struct Rope3dParams {
 struct Rope3dShiftParams {
   void* pool;
   ElemType dtype;
-  int64_t batch, heads, head_dim;
-  int64_t stride_b, stride_l, stride_h;  // in elements
-  const int32_t* ranges;                 // device [R, 2], validated by the caller
+  int64_t batch, tokens, heads, head_dim;  // tokens: the pool's P
+  int64_t stride_b, stride_l, stride_h;     // in elements
+  const int32_t* ranges;  // device [R, 2], unchecked values: the kernel clamps them to the pool
   int num_ranges;
-  int64_t max_range_len;
   int c_t;
   const float* table;  // [R, t_heads, c_t, 2] (cos, sin)
   int t_heads;

@@ -1,9 +1,9 @@
-// Torch-free interface of the rope3d_store_ CUDA kernel (SPEC §6 cache write).
+// Torch-free interface of the rope3d_store_ CUDA kernel (docs/spec.md §6, the cache write).
 #pragma once
 
 #include <cstdint>
 
-#include "rope3d.h"  // ElemType
+#include "elem_type.h"
 
 namespace vidstream {
 
@@ -15,13 +15,14 @@ struct Rope3dStoreParams {
   void* k_pool;
   void* v_pool;
   ElemType dtype;
-  int64_t batch, tokens, heads, head_dim, v_head_dim;
+  int64_t batch, tokens, heads, head_dim, v_head_dim, pool_tokens;
   int64_t k_stride_b, k_stride_l, k_stride_h;  // in elements; the head dim is contiguous
   int64_t v_stride_b, v_stride_l, v_stride_h;
   int64_t kp_stride_b, kp_stride_l, kp_stride_h;
   int64_t vp_stride_b, vp_stride_l, vp_stride_h;
   int64_t height, width;
-  const int32_t* frame_slots;  // device [F], validated by the caller
+  // device [F], unchecked values: a frame whose slot does not fit in the pool is not written.
+  const int32_t* frame_slots;
   int c_t, c_h, c_w;
   const float* table_t;  // [F, t_heads, c_t, 2] (cos, sin) at the frame positions
   const float* table_h;  // [height, c_h, 2]

@@ -1,5 +1,5 @@
-// CUDA kernels of select_blocks (SPEC §5). No QK^T: launch 1 sums the sampled queries of each
-// chosen head; launch 2 gives each mid block one thread block that reduces its keys against
+// CUDA kernels of select_blocks (docs/spec.md §5). No QK^T: launch 1 sums the sampled queries
+// of each chosen head; launch 2 gives each mid block one thread block that reduces its keys against
 // those sums ("mean": block key sum, or the cached one; "max": one dot product per key with the
 // mean query) and writes s_m. The block that finishes last (threadfence + atomic ticket) ranks
 // the M scores and writes the k best indices in ascending order. All sums run in a fixed order.
@@ -9,8 +9,10 @@
 
 #include <cmath>
 
-#include "select_blocks.h"
 #include "convert.cuh"
+#include "launch.cuh"
+#include "ranges.cuh"
+#include "select_blocks.h"
 
 namespace vidstream {
 namespace {
@@ -18,7 +20,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunks = kSelectMaxHeadDim / 32;  // per-lane registers over the head dim
-
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
   const int m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = static_cast<int>(p.head_dim);
-  const int start = p.ranges[2 * m], end = p.ranges[2 * m + 1];
+  const TokenSpan span = clamped_range(p.ranges, m, p.pool_tokens);
   const bool use_sums = p.mean && p.key_sums != nullptr;
   const double inv_s = 1.0 / static_cast<double>(p.sampled);
   double total = 0.0;  // meaningful in thread 0
@@ -144,8 +145,8 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
         double acc[kChunks];
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) acc[c] = 0.0;
-        for (int j = start + warp; j < end; j += kWarps) {
-          const T* row = kb + static_cast<int64_t>(j) * p.k_stride_l;
+        for (int64_t j = span.start + warp; j < span.end; j += kWarps) {
+          const T* row = kb + j * p.k_stride_l;
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             const int d = lane + 32 * c;
@@ -162,8 +163,8 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) qf[c] = static_cast<float>(qv[c]);
         float best = -INFINITY;
-        for (int j = start + warp; j < end; j += kWarps) {
-          const T* row = kb + static_cast<int64_t>(j) * p.k_stride_l;
+        for (int64_t j = span.start + warp; j < span.end; j += kWarps) {
+          const T* row = kb + j * p.k_stride_l;
           float dot = 0.f;
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
@@ -197,25 +198,24 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
 }
 
 template <typename T>
-int launch_typed(const SelectBlocksParams& p, cudaStream_t stream) {
+cudaError_t launch_typed(const SelectBlocksParams& p, cudaStream_t stream) {
   const dim3 g1(static_cast<unsigned>(p.batch * p.num_heads), kSelectQuerySplit);
   reduce_queries_kernel<T><<<g1, kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return static_cast<int>(err);
+  const cudaError_t err = launch_status();
+  if (err != cudaSuccess) return err;
   block_scores_kernel<T><<<p.num_blocks, kThreads, 0, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 }  // namespace
 
 int launch_select_blocks(const SelectBlocksParams& p, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case ElemType::kFloat32: return launch_typed<float>(p, s);
-    case ElemType::kFloat16: return launch_typed<__half>(p, s);
-    case ElemType::kBFloat16: return launch_typed<__nv_bfloat16>(p, s);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  if (p.num_heads < 1 || p.num_heads > kSelectMaxHeads)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const auto s = static_cast<cudaStream_t>(stream);
+  return dispatch_elem_type(p.dtype, [&](auto tag) {
+    return launch_typed<typename decltype(tag)::type>(p, s);
+  });
 }
 
 }  // namespace vidstream

@@ -1,10 +1,10 @@
-// Torch-free interface of the select_blocks CUDA kernels (SPEC §5): a params struct and a
-// launcher. Included by the torch binding (host compiler) and by select_blocks.cu (nvcc).
+// Torch-free interface of the select_blocks CUDA kernels (docs/spec.md §5): a params struct and
+// a launcher. Included by the torch binding (host compiler) and by select_blocks.cu (nvcc).
 #pragma once
 
 #include <cstdint>
 
-#include "rope3d.h"  // ElemType
+#include "elem_type.h"
 
 namespace vidstream {
 
@@ -13,17 +13,21 @@ constexpr int kSelectMaxHeadDim = 256;
 // Sampled queries are split over this many thread blocks per (batch, head); the partial sums
 // are added in a fixed order by the scoring kernel, so results do not depend on scheduling.
 constexpr int kSelectQuerySplit = 8;
+// Most query heads one call scores: the head list travels inside the params struct, by value,
+// so a call copies nothing to the device before its launch.
+constexpr int kSelectMaxHeads = 256;
 
 struct SelectBlocksParams {
   const void* q;  // [B, Lq, H, D], head dim contiguous
   const void* k;  // [B, P, H_kv, D], head dim contiguous
   ElemType dtype;
-  int64_t batch, q_len, head_dim, kv_group;  // kv_group = H / H_kv
+  int64_t batch, q_len, head_dim, pool_tokens, kv_group;  // kv_group = H / H_kv
   int64_t q_stride_b, q_stride_l, q_stride_h;  // in elements
   int64_t k_stride_b, k_stride_l, k_stride_h;
-  const int32_t* heads;   // device [Hs] query heads
-  int num_heads;          // Hs
-  const int32_t* ranges;  // device [M, 2], validated by the caller
+  int32_t heads[kSelectMaxHeads];  // the Hs query heads, each in [0, H)
+  int num_heads;                   // Hs
+  // device [M, 2], unchecked values: the kernels clamp them to the pool.
+  const int32_t* ranges;
   int num_blocks;         // M >= 1
   int64_t query_stride, sampled;
   bool mean;                  // score "mean" (else "max")
