@@ -27,11 +27,12 @@ BUILD_STAMP := build/.ext-$(if $(strip $(VENV)),venv,system)
 
 all: test
 
-$(VENV)/.installed:
+# Re-run when this file changes: a package added to the list reaches existing venvs too.
+$(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip" "setuptools>=64" wheel
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q triton numpy ninja pytest expecttest ruff tqdm matplotlib
+	$(PY) -m pip install -q triton numpy ninja pytest expecttest hypothesis ruff tqdm matplotlib
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
@@ -48,7 +49,7 @@ demo: build
 	$(PY) -m vidstream demo --compare --out out/demo
 
 bench: build
-	$(PY) bench/bench_rope.py
+	$(PY) bench/bench_rope3d.py
 
 lint: $(ENV_STAMP)
 	$(PY) -m ruff check .

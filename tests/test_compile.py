@@ -88,3 +88,37 @@ def test_compiled_graph_still_refuses_bad_values(backend):
         with vidstream.use_backend(backend), pytest.raises(RuntimeError, match="ranges|delta_frames"):
             compiled(pool, ranges, delta)
         assert torch.equal(pool, before)
+
+
+def test_streaming_denoising_pass_compiles_whole():
+    """With the chunk's metadata prepared (its first pass), one denoising pass of the tiny
+    StreamingDiT through the bounded cache traces with no graph break and equals eager."""
+    from vidstream.streaming.bounded_cache import StreamingKVCache
+    from vidstream.streaming.config import CacheConfig
+
+    model = vidstream.StreamingDiT("tiny", seed=0).eval()
+    cfg = model.config
+    cache = StreamingKVCache(num_layers=cfg.num_layers, batch=1, kv_heads=cfg.num_heads,
+                             head_dim=cfg.head_dim, frame_shape=cfg.frame_shape,
+                             config=CacheConfig(chunk_frames=2, sink_frames=2, recent_frames=2,
+                                                mid_blocks=2, top_k=1))
+    text_kv = model.text_kv(torch.randn(1, cfg.text_len, cfg.text_dim))
+    H, W = cfg.latent_hw
+
+    def one_pass(x, t):
+        return model(x, t, text_kv, cache)
+
+    with torch.no_grad():
+        for chunk in range(4):  # the fourth chunk attends sink, a selected mid block and the ring
+            x = torch.randn(1, cfg.in_dim, 2, H, W)
+            cache.begin_chunk(2)
+            model(x, 1000.0, text_kv, cache)
+            if chunk == 3:
+                t = torch.tensor(500.0)
+                torch._dynamo.reset()
+                explained = torch._dynamo.explain(one_pass)(x, t)
+                assert explained.graph_break_count == 0, explained.break_reasons
+                want = one_pass(x, t)
+                got = torch.compile(one_pass, fullgraph=True, backend="aot_eager")(x, t)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            cache.end_chunk()

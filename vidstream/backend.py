@@ -1,9 +1,12 @@
 """Which implementation of an op runs: the kernel registry.
 
 A *backend* is a family of implementations: ``reference`` (eager PyTorch, the oracle), ``cpu``
-(C++), ``triton``, ``cuda`` (hand-written CUDA). torch's dispatcher picks the device kernel of a
-C++ op; this registry picks among backends. On CPU tensors the default is the C++ kernel. On
-CUDA tensors it is the fastest backend validated on a GPU for that op, else the reference.
+(C++), ``triton``, ``cuda`` (hand-written CUDA), ``torch`` (composed only of PyTorch's own fused
+ops: SDPA, matmuls, index ops; any device, and float64 as well as float32/float16/bfloat16).
+torch's dispatcher picks the device kernel of a C++ op; this registry picks among backends. On
+CPU tensors the default is the C++ kernel (the reference for float64 or without ``vidstream._C``).
+On CUDA tensors it is the first of ``cuda``, ``triton`` validated on a GPU for that op, else
+``torch``: the reference (materialised scores and masks) is never a CUDA default.
 Override with ``VIDSTREAM_BACKEND=<name>`` or ``with vidstream.use_backend("<name>"):``; the
 override is local to the thread / asyncio task (a ``contextvars`` variable), so two generators in
 two threads never see each other's choice.
@@ -21,7 +24,7 @@ import torch
 
 from . import _extension
 
-NAMES = ("reference", "cpu", "triton", "cuda")
+NAMES = ("reference", "cpu", "triton", "cuda", "torch")
 # Order in which validated GPU backends are preferred for CUDA tensors.
 _GPU_PREFERENCE = ("cuda", "triton")
 
@@ -90,6 +93,8 @@ class Op:
                 if impl is not None and impl.gpu_validated and usable(
                         name, self.name, x.device, x.dtype) is None:
                     return name
+            if "torch" in self.impls and usable("torch", self.name, x.device, x.dtype) is None:
+                return "torch"
             return "reference"
         if "cpu" in self.impls and usable("cpu", self.name, x.device, x.dtype) is None:
             return "cpu"
@@ -143,6 +148,10 @@ def usable(backend: str, op_name: str, device: torch.device, dtype: torch.dtype)
     """None when ``backend`` can run ``op_name`` on tensors of this device and dtype here, else why
     not."""
     if backend == "reference":
+        return None
+    if backend == "torch":
+        # PyTorch's own ops run on every device and float dtype (float64 included: SDPA's
+        # CPU flash kernel and its math fallback take it).
         return None
     if dtype == torch.float64:
         return "kernels take float32, float16 and bfloat16 (float64 runs on the reference backend)"

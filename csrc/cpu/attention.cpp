@@ -3,7 +3,10 @@
 // Flash-style: a tile of queries streams over key blocks with an online softmax in float32;
 // no L x L score matrix is ever formed. Query tiles never straddle a chunk, so each tile has
 // one list of key ranges (attention_common.h) and the blocks the mask excludes are never
-// visited; the only masking left is the tail of a range that does not fill a key block.
+// visited; the only masking left is the tail of a range that does not fill a key block. Keys
+// past a range end are never loaded (their scores are -inf, their value rows stay out of the
+// P.V product), so a NaN or Inf there reaches no output; one that a query reads propagates as
+// in eager softmax (docs/spec.md, NaN and Inf; attention_isa.h).
 // Work is split over batch x heads x query tiles. The tile kernel (cpu/attention_isa.h) is
 // compiled for AVX-512, AVX2 and the baseline, and picked at run time (cpu/isa_dispatch.h).
 #include <ATen/Parallel.h>

@@ -16,16 +16,19 @@ constexpr int64_t kCols = VS * NC;  // columns of one register tile
 static inline vf splat(float x) { return vf{} + x; }
 static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
 static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+// a > b ? a : b (one max instruction): a NaN in b comes out, a NaN in a does not.
 static inline vf vmax(vf a, vf b) {
   const vi m = a > b;
   return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
 
-// 2^x for x <= 0 (scores minus their running max), ~1 ulp; below -126 (and -inf) gives 0.
+// 2^x for x <= 0 (scores minus their running max), ~1 ulp; below -126 (and -inf) gives 0, NaN
+// gives NaN (the clamp keeps it, as its NaN operand is the second; the polynomial carries it
+// whatever the integer conversion makes of it).
 // A polynomial rather than std::exp2 so the whole row stays in vector registers.
 static inline vf exp2v(vf x) {
   const vi under = x < splat(-126.f);
-  x = vmax(x, splat(-126.f));
+  x = vmax(splat(-126.f), x);
   const vf n = (x + 12582912.f) - 12582912.f;  // round to nearest integer
   const vf f = (x - n) * 0.69314718055994531f;  // in [-ln2/2, ln2/2]
   vf p = splat(1.f / 5040.f);
@@ -75,6 +78,21 @@ static void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline float fmax1(float a, float b) { return a > b ? a : b; }
+
+// A row whose running max is +inf, which holds a +inf score: weights taken against +inf, as the
+// limit of eager softmax's, +inf for a +inf score, 0 for a finite one, NaN for NaN. Lsum then
+// ends +inf (NaN with a NaN score) and every column of O non-finite, so the row comes out NaN
+// with lse = M + log(Lsum) = +inf (NaN), as torch.softmax / torch.logsumexp give.
+static float weights_at_inf(float* srow) {
+  const float inf = __builtin_inff();
+  float sum = 0.f;
+  for (int64_t j = 0; j < kBlockK; ++j) {
+    const float x = srow[j];
+    srow[j] = x == inf ? inf : x != x ? x : 0.f;
+    sum += srow[j];
+  }
+  return sum;
+}
 
 // Floats of per-thread scratch attend_tile needs: Q, K^T, V, S, O tiles and two row vectors.
 static int64_t scratch_floats(const AttnProblem& p) {
@@ -159,16 +177,32 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
         // Lazy rescaling: the running max moves only when a block beats it by more than
         // kSlack, so later blocks (weights up to e^kSlack, far from overflow) rarely pay a
         // rescale of O, and O collects fewer roundings than one rescale per block would add.
+        // NaN (docs/spec.md, NaN and Inf) is carried by the sums, not by the max: this max may
+        // drop a NaN score (and M is never NaN), but that score's weight exp2v(NaN) is NaN,
+        // which makes Lsum and every column of O NaN for good (NaN * alpha, even 0, is NaN).
         const float m_new = row_max > M[i] + kSlack ? row_max : M[i];
-        const float alpha = __builtin_exp2f((M[i] - m_new) * kLog2e);  // 0 on the first block (M = -inf)
+        float m_use = m_new, alpha, row_sum = 0.f;
+        if (__builtin_expect(m_new - m_new != 0.f, 0)) {  // m_new = +-inf: rare
+          if (m_new > 0.f) {  // a +inf score
+            alpha = M[i] == m_new ? 1.f : 0.f;
+            row_sum = weights_at_inf(srow);
+            M[i] = m_new;
+            Lsum[i] = Lsum[i] * alpha + row_sum;
+            Alpha[i] = alpha;
+            continue;
+          }
+          // Only -inf scores so far (e.g. -inf in a key): weights against 0, not -inf, as
+          // -inf - -inf would make NaN of a row that has none.
+          m_use = 0.f;
+        }
+        alpha = __builtin_exp2f((M[i] - m_use) * kLog2e);  // 0 on the first finite block (M = -inf)
         M[i] = m_new;
         vf sum = splat(0.f);
         for (int64_t j = 0; j < kBlockK; j += VS) {
-          const vf pj = exp2v((loadv(srow + j) - m_new) * kLog2e);
+          const vf pj = exp2v((loadv(srow + j) - m_use) * kLog2e);
           storev(srow + j, pj);
           sum += pj;
         }
-        float row_sum = 0.f;
         for (int t = 0; t < VS; ++t) row_sum += sum[t];
         Lsum[i] = Lsum[i] * alpha + row_sum;
         Alpha[i] = alpha;
@@ -185,17 +219,24 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
     }
   }
 
+  // What torch.softmax / torch.logsumexp make of each row (docs/spec.md, NaN and Inf). A NaN
+  // score left Lsum and O NaN: out and lse NaN; a +inf score (and no NaN) left M and Lsum +inf
+  // and O non-finite: out NaN, lse +inf. Lsum == 0 with keys allowed: every score was -inf,
+  // softmax's 0/0 (NaN), lse -inf. Only the empty set of keys gives zeros.
+  bool any_keys = false;
+  for (int64_t r = 0; r < num_ranges; ++r) any_keys |= ranges[r].second > ranges[r].first;
+  const float empty_out = any_keys ? __builtin_nanf("") : 0.f;
   T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
   float* lb = p.lse + (b * p.heads + h) * p.lse_sh;
   for (int64_t i = 0; i < nq; ++i) {
     T* orow = ob + (q0 + i) * p.o_sl;
-    if (Lsum[i] > 0.f) {
+    const float l = Lsum[i];
+    if (l > 0.f || l != l) {
       // A true division, not a reciprocal and a multiply: one rounding fewer per output.
-      const float l = Lsum[i];
       for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(O[i * dvp + e] / l);
-      lb[q0 + i] = M[i] + __builtin_logf(Lsum[i]);
-    } else {  // nothing to attend: the empty union of docs/spec.md §2
-      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(0.f);
+      lb[q0 + i] = M[i] + __builtin_logf(l);
+    } else {
+      for (int64_t e = 0; e < Dv; ++e) orow[e] = static_cast<T>(empty_out);
       lb[q0 + i] = ninf;
     }
   }

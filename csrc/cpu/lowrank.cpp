@@ -13,6 +13,8 @@
 //   absorb = true: w_uk is folded into the queries (q_lat = q_nope @ w_uk^T) and the attention
 //     runs in the latent space against keys concat(c, k_r) and values c shared by all heads
 //     (one kv head, so one GEMM serves all H * Lq query rows); w_uv is applied to the output.
+//     A NaN gives the NaN outputs decompressing gives; an Inf meets w_uk in another sum than
+//     the definition's, so its outputs are NaN alike but its lse may differ (+-inf vs NaN).
 // Both keep the online-softmax state (max, sum, accumulator) of every query in float32 between
 // tiles, so the cost beyond the attention itself is one pass over the latent.
 //
@@ -117,12 +119,18 @@ std::tuple<at::Tensor, at::Tensor> lowrank_decompress_cpu(
 // One KV tile against a block of query rows: S = Q K^T, then the online-softmax update of
 // (m, l, acc) of those rows. Q rows are pre-scaled, so S is already in natural-log units. The
 // element-wise steps are ATen ops: vectorised at run time, and the row sums are cascaded.
+// NaN and Inf as in eager softmax (docs/spec.md): amax and maximum keep a NaN, so m stays NaN;
+// a +inf score makes m = +inf and its weight inf - inf = NaN (lowrank_cached_attention_cpu
+// turns (m, l, acc) into out and lse at the end).
 void attend_tile(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor m,
                  at::Tensor l, at::Tensor acc) {
   at::Tensor s = at::mm(q, k.t());
   const at::Tensor m_new = at::maximum(m, s.amax(1));
-  const at::Tensor alpha = (m - m_new).exp_();  // 0 on the first tile (m = -inf)
-  s.sub_(m_new.unsqueeze(1)).exp_();
+  // Rows that have seen only -inf scores so far take weights against 0: -inf - -inf would
+  // make NaN of a row that has none.
+  const at::Tensor m_use = m_new.masked_fill(m_new == -std::numeric_limits<float>::infinity(), 0.f);
+  const at::Tensor alpha = (m - m_use).exp_();  // 0 on the first finite tile (m = -inf)
+  s.sub_(m_use.unsqueeze(1)).exp_();
   l.mul_(alpha).add_(s.sum(1));
   acc.mul_(alpha.unsqueeze(1)).addmm_(s, v);
   m.copy_(m_new);
@@ -175,12 +183,19 @@ void attention_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>&
   }
 }
 
+// Whether every element of t is finite (no NaN, no +-Inf).
+bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
 // "tiled" when K and V heads have one width (Wan: 128 and 128): each decompressed chunk goes
 // through ATen's CPU flash attention (blocked and vectorised, faster than attend_tile's ATen
 // calls per block), and the chunks' outputs merge by their log-sum-exp. Only one chunk of K/V
 // ever exists. qh [B, H, Lq, D] float32 (unscaled); acc [B, H, Lq, D], lse [B, H, Lq] float32.
+// ATen's flash kernel does not follow eager softmax on non-finite scores (a +inf score gives
+// lse NaN, all -inf gives zeros and lse 0), and a merge by lse could not either: with finite
+// q (checked by the caller) a chunk whose keys are not all finite stops it, returning false,
+// and the caller attends through attention_kernel instead (one pass over K per chunk here).
 template <typename T>
-void tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
+bool tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
                         const at::Tensor& w_cat, const std::vector<int32_t>& idx,
                         const at::Tensor& qh, double scale, const LowRankDims& d, at::Tensor& acc,
                         at::Tensor& lse) {
@@ -200,6 +215,7 @@ void tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor
       if (d.d_r)
         k_t.narrow(2, d.d_nope, d.d_r)
             .copy_(rt.narrow(0, 0, nt).narrow(1, 0, d.d_r).unsqueeze(0).expand({d.heads, nt, d.d_r}));
+      if (!all_finite(k_t)) return false;
       const at::Tensor v_t = kv.narrow(2, d.d_nope, d.d_v).transpose(0, 1);
       const auto res = at::_scaled_dot_product_flash_attention_for_cpu(
           qh[b].unsqueeze(0), k_t.unsqueeze(0), v_t.unsqueeze(0), 0.0, false, std::nullopt, scale);
@@ -217,6 +233,7 @@ void tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor
       lse_b.copy_(mx.add_(total.log()));
     }
   }
+  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
@@ -235,16 +252,19 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     return {out, lse};
   }
   const at::Tensor w_cat = absorb ? at::Tensor() : stacked_up_projection(w_uk, w_uv);
-  if (!absorb && d.d_nope + d.d_r == d.d_v) {
+  if (!absorb && d.d_nope + d.d_r == d.d_v && all_finite(q)) {
     const at::Tensor qh = q.to(at::kFloat).permute({0, 2, 1, 3});
     at::Tensor acc = at::empty({B, H, Lq, d.d_v}, at::kFloat);
+    bool done = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
                                     "lowrank_cached_attention_cpu", [&] {
-                                      tiled_flash_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qh,
-                                                                   scale, d, acc, lse);
+                                      done = tiled_flash_kernel<scalar_t>(
+                                          c_pool, k_r_pool, w_cat, idx, qh, scale, d, acc, lse);
                                     });
-    out.copy_(acc.permute({0, 2, 1, 3}));
-    return {out, lse};
+    if (done) {
+      out.copy_(acc.permute({0, 2, 1, 3}));
+      return {out, lse};
+    }
   }
   // Scaled float32 queries, head-major: [B, H, Lq, d_nope + d_r].
   const at::Tensor qf = q.to(at::kFloat).mul(scale).permute({0, 2, 1, 3});
@@ -268,10 +288,16 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
                                     attention_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qg,
                                                                absorb, d, m, l, acc);
                                   });
+  // What torch.softmax / torch.logsumexp give (docs/spec.md). The key set is not
+  // empty here, so l == 0 means every score was -inf: acc / l = 0 / 0 = NaN, lse -inf. A NaN
+  // score left m and l NaN; a +inf score (and no NaN) left m = +inf, l NaN: out NaN, lse +inf.
   at::Tensor o = acc.div_(l.unsqueeze(-1)).reshape({B, H, Lq, dv});
   if (absorb) o = at::matmul(o, w_uv.to(at::kFloat).unsqueeze(0));  // [B, H, Lq, d_v]
   out.copy_(o.permute({0, 2, 1, 3}));
-  lse.copy_(m.add_(l.log_()).reshape({B, H, Lq}));
+  const float inf = std::numeric_limits<float>::infinity();
+  at::Tensor lse_rows = m + l.log_();
+  lse_rows.masked_fill_(m == inf, inf);
+  lse.copy_(lse_rows.reshape({B, H, Lq}));
   return {out, lse};
 }
 

@@ -54,6 +54,10 @@ inline void add_rows(double* acc, const T* base, int64_t row_stride, int64_t n, 
   }
 }
 
+// max(a, b), NaN when either is: a block holding a NaN key scores NaN under "max" (docs/spec.md,
+// NaN and Inf), wherever the key sits; std::max would keep or drop it by its position.
+inline double max_nan(double a, double b) { return a > b || a != a ? a : b; }
+
 template <typename T>
 inline float dot_f(const float* a, const T* b, int64_t D) {
   float acc = 0.f;
@@ -122,6 +126,12 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
       std::vector<double> ksum(U * D);
       std::vector<float> tmp(D);
       for (int64_t m = begin; m < end; ++m) {
+        if (sp == nullptr && ranges[m].second == ranges[m].first) {
+          // A sum over no (query, key) pair: 0, as eager sums it, even where a sampled query
+          // holds a NaN (the factorised form would give NaN . 0 = NaN).
+          out[m] = 0.f;
+          continue;
+        }
         double total = 0.0;
         for (int64_t b = 0; b < B; ++b) {
           if (sp == nullptr) {
@@ -175,10 +185,10 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
             const T* r = k0 + j * skl;
             dot4_f(qv, r, r + skl, r + 2 * skl, r + 3 * skl, D, d4);
             for (int u = 0; u < 4; ++u)
-              best[hi] = std::max(best[hi], scale * static_cast<double>(d4[u]));
+              best[hi] = max_nan(best[hi], scale * static_cast<double>(d4[u]));
           }
           for (; j < e; ++j)
-            best[hi] = std::max(best[hi], scale * static_cast<double>(dot_f(qv, k0 + j * skl, D)));
+            best[hi] = max_nan(best[hi], scale * static_cast<double>(dot_f(qv, k0 + j * skl, D)));
         }
         for (int64_t hi = 0; hi < Hs; ++hi) total += best[hi];
       }

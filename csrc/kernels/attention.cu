@@ -8,6 +8,14 @@
 // chunk form at most two ranges (sink, window) per query block, interior blocks unmasked; for the
 // cached form the given ranges (read on the device and clamped to the pool), only each range's
 // tail block masked.
+//
+// NaN and Inf follow docs/spec.md (Conventions): the running max propagates NaN (fmaxf would drop
+// it), a +inf score gives NaN (inf - inf) and lse +inf, allowed keys whose scores are all -inf give
+// NaN and lse -inf, only an empty key set gives zeros. Keys past a range end are loaded as zeros;
+// a masked key's score becomes -inf before the max. Where the rows of one query tile see different
+// keys of a block (a tile spanning two chunks), p = 0 does not keep a masked key's NaN/Inf value
+// out of the P.V product (0 * NaN = NaN): such values are zeroed in shared memory and added back,
+// after the product, to the rows allowed to see them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,6 +25,7 @@
 
 #include "attention.h"
 #include "convert.cuh"
+#include "ieee.cuh"
 #include "launch.cuh"
 #include "ranges.cuh"
 
@@ -64,16 +73,29 @@ __device__ __forceinline__ uint32_t ld32(const T* p) {
 // Rows [row0, row0 + kBlockN) of a [*, D] operand into shared memory; rows at or past row_end
 // become zeros (so a partial block multiplies zeros, never memory outside the range).
 // TRANSPOSED stores them [D][keys] (V, so the P.V MMA reads key pairs as 32 bits), else
-// [keys][D].
-template <bool TRANSPOSED, int D, typename T, typename Dst>
+// [keys][D]. SCRUB stores non-finite elements as zeros and sets bit r of *nonfinite for row r.
+template <bool TRANSPOSED, int D, bool SCRUB = false, typename T, typename Dst>
 __device__ __forceinline__ void load_rows(Dst dst, const T* src, int64_t stride_l, int64_t row0,
-                                          int64_t row_end) {
+                                          int64_t row_end,
+                                          unsigned long long* nonfinite = nullptr) {
   constexpr int kVecs = D / 8;
   for (int c = threadIdx.x; c < kBlockN * kVecs; c += kThreads) {
     const int r = c / kVecs, col = (c % kVecs) * 8;
     const int64_t row = row0 + r;
     uint4 val = make_uint4(0, 0, 0, 0);
     if (row < row_end) val = *reinterpret_cast<const uint4*>(src + row * stride_l + col);
+    if constexpr (SCRUB) {
+      T* e = reinterpret_cast<T*>(&val);
+      bool bad = false;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (!is_finite16(e[i])) {
+          e[i] = from_float<T>(0.f);
+          bad = true;
+        }
+      }
+      if (bad) atomicOr(nonfinite, 1ull << r);
+    }
     if constexpr (TRANSPOSED) {
       const T* e = reinterpret_cast<const T*>(&val);
 #pragma unroll
@@ -105,7 +127,50 @@ template <typename T, int D>
 struct Smem {
   T k[kBlockN][D + kPad];   // also stages Q before the key loop
   T vt[D][kBlockN + kPad];
+  unsigned long long nonfinite;  // keys of the block whose value row holds a NaN/Inf (SCRUB)
 };
+
+// After the P.V product of a block whose non-finite values were zeroed (load_rows SCRUB): adds
+// p * value for those values to the rows allowed to see the key, so IEEE arithmetic (inf, or NaN
+// for NaN and 0 * inf) reaches exactly them. Rare (only blocks holding a NaN/Inf value), so it
+// may take two barriers: the probabilities, rounded as the P.V product took them, are staged in
+// sm.k (free once every warp's score MMA is done), where any lane can read any key's.
+template <typename T, int D>
+__device__ __forceinline__ void add_nonfinite_values(Tile<T, D>& t, Smem<T, D>& sm,
+                                                     const float (&s)[kBlockN / 8][4],
+                                                     const AttentionParams& p, const T* vbase,
+                                                     int64_t n0, int64_t m0,
+                                                     unsigned long long keys) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16 + g;  // this lane's rows r0 and r0 + 8 of the tile
+  __syncthreads();  // every warp is past its score MMA: sm.k is free
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<PairOf<T>*>(&sm.k[r0 + 8 * h][j * 8 + tq * 2]) =
+          Mma<T>::pair(s[j][2 * h], s[j][2 * h + 1]);
+  }
+  __syncthreads();
+  for (; keys != 0; keys &= keys - 1) {  // the same keys in every lane
+    const int key = __ffsll(static_cast<long long>(keys)) - 1;
+    const int64_t kj = n0 + key;  // below the range end: only loaded rows are flagged
+    const bool ok0 = chunk_allowed(p, m0 + r0, kj), ok1 = chunk_allowed(p, m0 + r0 + 8, kj);
+    const float p0 = to_float(sm.k[r0][key]), p1 = to_float(sm.k[r0 + 8][key]);
+    const T* vr = vbase + kj * p.v_sl;
+#pragma unroll
+    for (int n = 0; n < Tile<T, D>::kOutTiles; ++n) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const T x = vr[n * 8 + tq * 2 + c];
+        if (is_finite16(x)) continue;
+        if (ok0) t.o[n][c] += p0 * to_float(x);
+        if (ok1) t.o[n][2 + c] += p1 * to_float(x);
+      }
+    }
+  }
+}
 
 // One key block [n0, n0 + kBlockN) clipped at range_end; MASKED blocks evaluate the mask.
 template <typename T, int D, bool MASKED, bool CHUNK>
@@ -114,10 +179,18 @@ __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, cons
                                              int64_t range_end, int64_t m0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
+  // Rows of one tile may differ in the keys of this block they see: see add_nonfinite_values.
+  constexpr bool kScrub = MASKED && CHUNK;
   __syncthreads();  // the previous block's readers are done with the buffers
   load_rows<false, D>(sm.k, kbase, p.k_sl, n0, range_end);
-  load_rows<true, D>(sm.vt, vbase, p.v_sl, n0, range_end);
+  load_rows<true, D, kScrub>(sm.vt, vbase, p.v_sl, n0, range_end, &sm.nonfinite);
   __syncthreads();
+  unsigned long long nonfinite = 0;
+  if constexpr (kScrub) {
+    nonfinite = sm.nonfinite;
+    __syncthreads();  // every thread has read it before it is cleared for the next block
+    if (threadIdx.x == 0) sm.nonfinite = 0;
+  }
 
   float s[kBlockN / 8][4];
 #pragma unroll
@@ -148,13 +221,15 @@ __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, cons
           x = ok ? x : ninf;
         }
         s[j][2 * h + e] = x;
-        mx = fmaxf(mx, x);
+        mx = max_nan(mx, x);
       }
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(t.m[h], mx);
-    const float m_use = m_new == ninf ? 0.f : m_new;  // a row with nothing seen yet
+    mx = max_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = max_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = max_nan(t.m[h], mx);  // NaN stays NaN: every later weight is NaN
+    // A row that has seen only -inf (masked keys, -inf logits) takes weights against 0:
+    // -inf - -inf would make NaN of a row that has none.
+    const float m_use = m_new == ninf ? 0.f : m_new;
     const float alpha = exp2f(t.m[h] - m_use);
     float sum = 0.f;
 #pragma unroll
@@ -188,6 +263,9 @@ __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, cons
       const uint32_t b1 = ld32(&sm.vt[n * 8 + g][kk * 16 + 8 + tq * 2]);
       Mma<T>::run(t.o[n], a, b0, b1);
     }
+  }
+  if constexpr (kScrub) {
+    if (nonfinite != 0) add_nonfinite_values(t, sm, s, p, vbase, n0, m0, nonfinite);
   }
 }
 
@@ -225,6 +303,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 
   Tile<T, D> t;
   load_rows<false, D>(sm.k, qbase, p.q_sl, m0, p.q_len);  // kBlockM == kBlockN rows
+  if (threadIdx.x == 0) sm.nonfinite = 0;
   __syncthreads();
 #pragma unroll
   for (int ks = 0; ks < Tile<T, D>::kSteps; ++ks) {
@@ -240,6 +319,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   t.m[0] = t.m[1] = ninf;
   t.l[0] = t.l[1] = 0.f;
 
+  bool any_keys = CHUNK;  // every query of chunk_attention sees at least its own chunk
   if constexpr (CHUNK) {
     const int64_t L = p.q_len, ft = p.frame_tokens, cf = p.chunk_frames;
     const int64_t last = min(m0 + kBlockM, L) - 1;
@@ -265,6 +345,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
   } else {
     for (int r = 0; r < p.num_ranges; ++r) {
       const TokenSpan s = clamped_range(p.ranges, r, p.kv_len);
+      any_keys |= s.end > s.start;
       attend_range<T, D, false>(t, sm, p, kbase, vbase, s.start, s.end, s.start, s.end, m0);
     }
   }
@@ -278,14 +359,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t row = m0 + warp * 16 + g + 8 * hh;
     if (row >= p.q_len) continue;
-    // l == 0: empty union, zeros; a NaN l (NaN input) must propagate, so not `l > 0`.
-    const float inv = l == 0.f ? 0.f : 1.f / l;
+    // What torch.softmax / torch.logsumexp give: l == 0 is the empty key set (zeros, lse -inf)
+    // or allowed keys whose scores are all -inf (0 / 0: NaN, lse -inf); a NaN l (a NaN or +inf
+    // score) propagates, so not `l > 0`; m = +inf (a +inf score, no NaN) has lse +inf.
+    const float inv = l == 0.f ? (any_keys ? __int_as_float(0x7fc00000) : 0.f) : 1.f / l;
 #pragma unroll
     for (int n = 0; n < Tile<T, D>::kOutTiles; ++n) {
       auto v = Mma<T>::pair(t.o[n][2 * hh] * inv, t.o[n][2 * hh + 1] * inv);
       *reinterpret_cast<decltype(v)*>(obase + row * p.o_sl + n * 8 + tq * 2) = v;
     }
-    if (tq == 0) lse[row] = l == 0.f ? ninf : (t.m[hh] + log2f(l)) * 0.6931471805599453f;
+    if (tq == 0)
+      lse[row] = l == 0.f ? ninf
+                 : t.m[hh] == -ninf ? -ninf
+                                    : (t.m[hh] + log2f(l)) * 0.6931471805599453f;
   }
 #else
   __trap();  // tensor-core MMA needs sm_80+; the binding refuses older devices first

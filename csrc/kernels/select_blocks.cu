@@ -3,6 +3,8 @@
 // those sums ("mean": block key sum, or the cached one; "max": one dot product per key with the
 // mean query) and writes s_m. The block that finishes last (threadfence + atomic ticket) ranks
 // the M scores and writes the k best indices in ascending order. All sums run in a fixed order.
+// NaN (docs/spec.md): a NaN key or sampled query makes its block's score NaN ("mean": the sums
+// carry it; "max": a NaN-propagating max, fmaxf would drop it), and NaN ranks above every number.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,6 +12,7 @@
 #include <cmath>
 
 #include "convert.cuh"
+#include "ieee.cuh"
 #include "launch.cuh"
 #include "ranges.cuh"
 #include "select_blocks.h"
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
             const int d = lane + 32 * c;
             if (d < D) dot += qf[c] * to_float(row[d]);
           }
-          best = fmaxf(best, p.scale * warp_sum(dot));
+          best = max_nan(best, p.scale * warp_sum(dot));
         }
         mine = best;
       }
@@ -179,13 +182,17 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
       __syncthreads();
       if (threadIdx.x == 0) {
         double v = warp_val[0];
-        for (int w = 1; w < kWarps; ++w) v = p.mean ? v + warp_val[w] : fmax(v, warp_val[w]);
+        for (int w = 1; w < kWarps; ++w) v = p.mean ? v + warp_val[w] : max_nan(v, warp_val[w]);
         total += v;
       }
       __syncthreads();
     }
   }
   if (threadIdx.x == 0) {
+    // "mean" over an empty block sums no (query, key) pair: 0, as eager sums it, even where a
+    // sampled query holds a NaN (the factorised form would give NaN . 0). Cached key sums are
+    // the definition's own factorised form and keep their product.
+    if (p.mean && !use_sums && span.end == span.start) total = 0.0;
     p.scores[m] = static_cast<float>(total * p.norm);
     __threadfence();
     is_last = atomicAdd(p.counter, 1u) == static_cast<unsigned>(p.num_blocks - 1);

@@ -284,3 +284,181 @@ CACHED_ATTENTION.register("triton", _cached_attention_triton, gpu_validated=Fals
 # Hand-written mma.sync kernels (csrc/kernels/attention.cu): float16/bfloat16, head dims 64/128.
 CHUNK_ATTENTION.register("cuda", _chunk_attention_native, gpu_validated=False)
 CACHED_ATTENTION.register("cuda", _cached_attention_native, gpu_validated=False)
+
+
+# ----------------------------------------------------------------------------- torch backend
+# ---- torch backend: PyTorch's own fused attention (SDPA), on any device and float dtype. The
+# keys are gathered (or sliced) first, so no mask is needed: flash / efficient / cuDNN on a GPU,
+# the CPU flash kernel on the CPU; a key outside the ranges is never read (docs/spec.md NaN rule).
+
+
+def _sdp_choice(q, k, v, scale):
+    """The SDPBackend value SDPA would pick for q, k, v (``torch.nn.attention.sdpa_kernel``
+    respected), or None where torch cannot tell."""
+    try:
+        return torch.ops.aten._fused_sdp_choice(q, k, v, scale=scale)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _sdpa_lse_cuda(q, k, v, scale):
+    """(out, lse) from the fused kernel SDPA would pick for q, k, v [B, H, L, *], or None where
+    none of them can return the lse."""
+    from torch.nn.attention import SDPBackend
+
+    aten = torch.ops.aten
+    errors = (RuntimeError, NotImplementedError)
+    # Head dims padded to a multiple of 8 with zero channels, as SDPA itself pads for its
+    # kernels: no score and no output changes.
+    Dv = v.shape[-1]
+    if q.shape[-1] % 8:
+        q, k = (torch.nn.functional.pad(t, (0, -q.shape[-1] % 8)) for t in (q, k))
+    if Dv % 8:
+        v = torch.nn.functional.pad(v, (0, -Dv % 8))
+    choice = _sdp_choice(q, k, v, scale)
+    fused = (SDPBackend.FLASH_ATTENTION.value, SDPBackend.EFFICIENT_ATTENTION.value,
+             SDPBackend.CUDNN_ATTENTION.value)
+    if choice not in fused:
+        return None
+    # cuDNN's lse layout differs between releases: its choice is served by flash (which takes
+    # the same 16-bit inputs) or else the efficient kernel.
+    if choice != SDPBackend.EFFICIENT_ATTENTION.value and q.dtype in (torch.float16, torch.bfloat16) \
+            and q.shape[-1] == v.shape[-1]:
+        try:
+            res = aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
+            return res[0][..., :Dv], res[1]
+        except errors:
+            pass
+    try:
+        res = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
+    except errors:
+        return None
+    return res[0][..., :Dv], res[1][..., : q.shape[2]]  # its lse rows are padded to 32
+
+
+def _sdpa_bhld(q, k, v, scale, need_lse):
+    """Fused attention on [B, H, L, *] tensors with one head count (GQA folded by the caller):
+    (out [B, H, Lq, Dv], lse [B, H, Lq] or None), or None where no fused kernel serves them."""
+    if q.device.type == "cpu":
+        # The CPU flash kernel (the one SDPA runs here) always yields the lse. It runs one
+        # precision up: its float32 and 16-bit paths use an approximate exp (errors up to ~3x
+        # eager PyTorch's in float32, an lse off by ~2**-17 in 16 bits), past the accuracy rule;
+        # in float64 it is exact to rounding. (The torch backend is no CPU default: the C++
+        # kernels are.) It needs one head dim for q, k and v: zero channels change nothing.
+        D, Dv = q.shape[-1], v.shape[-1]
+        dtype = q.dtype
+        up = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+        q, k, v = q.to(up), k.to(up), v.to(up)
+        if Dv < D:
+            v = torch.nn.functional.pad(v, (0, D - Dv))
+        elif Dv > D:
+            q, k = (torch.nn.functional.pad(t, (0, Dv - D)) for t in (q, k))
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v,
+                                                                                  scale=scale)
+        except (RuntimeError, NotImplementedError):
+            return None
+        return out[..., :Dv].to(dtype), lse
+    if not need_lse:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None
+    return _sdpa_lse_cuda(q, k, v, scale) if q.device.type == "cuda" else None
+
+
+def sdpa_attention(q, k, v, scale, return_lse):
+    """Every query of q [B, Lq, H, D] over all of k [B, N, H_kv, D], v [B, N, H_kv, Dv] with
+    PyTorch's fused attention; out [B, Lq, H, Dv] (and lse float32 [B, H, Lq]). N = 0 gives
+    zeros and lse = -inf. The eager formulation serves what no fused kernel takes."""
+    B, Lq, H, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    if k.shape[1] == 0 or q.numel() == 0:
+        return empty_attention(q, Dv, return_lse)
+    G = H // Hk
+    # GQA without repeating K/V: with no mask, the G query heads that share a kv head are just
+    # G times as many queries of that head (query head h = h_kv * G + g, docs/spec.md).
+    qf = q.unflatten(2, (Hk, G)).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Lq, D)
+    res = _sdpa_bhld(qf, k.transpose(1, 2), v.transpose(1, 2), scale, return_lse)
+    if res is None:
+        return dense_attention(q, k, v, scale, return_lse)
+    o, lse = res
+    out = o.unflatten(2, (G, Lq)).permute(0, 3, 1, 2, 4).reshape(B, Lq, H, Dv)
+    if not return_lse:
+        return out
+    return out, lse.reshape(B, H, Lq).float()
+
+
+def _merged_spans(pairs) -> list:
+    """The non-empty ranges, adjacent ones merged: attention is a sum over a key set, so pool
+    order serves as well as range order, and a union that is one span needs no gather."""
+    spans = []
+    for s, e in sorted(p for p in pairs if p[1] > p[0]):
+        if spans and spans[-1][1] == s:
+            spans[-1][1] = e
+        else:
+            spans.append([s, e])
+    return spans
+
+
+def _cached_attention_torch(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse):
+    if ranges.pairs is None:  # traced values: no token count on the host, the masked form
+        return cached_attention_eager(q, k_pool, v_pool, ranges, scale, return_lse)
+    spans = _merged_spans(ranges.pairs)
+    if len(spans) == 1:
+        (s, e), = spans
+        k, v = k_pool[:, s:e], v_pool[:, s:e]
+    else:  # one gather per call, through the index the ranges object keeps per device
+        k, v = gather_tokens(k_pool, ranges), gather_tokens(v_pool, ranges)
+    return sdpa_attention(q, k, v, scale, return_lse)
+
+
+def _slid(spans, shift: int) -> list:
+    """The spans of the chunk ``shift`` tokens later when the window slides: a span starting at
+    token 0 (the sink) stays, the window moves."""
+    return [(a, b) if a == 0 else (a + shift, b + shift) for a, b in spans]
+
+
+def _chunk_attention_torch(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale,
+                           return_lse):
+    """One SDPA call, without a mask, per run of consecutive full chunks whose keys are the same
+    spans slid by one chunk each (every chunk once the window slides: their keys are gathered
+    into a batch); one call per chunk otherwise, on a slice of k and v where the chunk's keys are
+    one span."""
+    B, L, H, _ = q.shape
+    Dv = v.shape[3]
+    if L == 0 or B == 0:
+        return empty_attention(q, Dv, return_lse)
+    lc = chunk_frames * frame_tokens
+    n_chunks = -(-L // lc)
+    out = q.new_empty(B, L, H, Dv)
+    lse = q.new_empty(B, H, L, dtype=torch.float32) if return_lse else None
+    c = 0
+    while c < n_chunks:
+        spans = chunk_key_spans(c, L, frame_tokens, chunk_frames, sink_frames, window_frames)
+        n = 1
+        if (c + 1) * lc <= L and any(a > 0 for a, _ in spans):
+            while (c + n + 1) * lc <= L and chunk_key_spans(
+                    c + n, L, frame_tokens, chunk_frames, sink_frames, window_frames) == _slid(
+                    spans, n * lc):
+                n += 1
+        q0, q1 = c * lc, min((c + n) * lc, L)
+        if n == 1 and len(spans) == 1:
+            (a, b), = spans
+            kc, vc, qc = k[:, a:b], v[:, a:b], q[:, q0:q1]
+        else:
+            base = torch.cat([torch.arange(a, b, device=q.device) for a, b in spans])
+            slides = torch.cat([torch.full((b - a,), a > 0, device=q.device) for a, b in spans])
+            idx = base + (torch.arange(n, device=q.device)[:, None] * lc) * slides
+            K = idx.shape[1]
+            kc = k.index_select(1, idx.reshape(-1)).view(B * n, K, *k.shape[2:])
+            vc = v.index_select(1, idx.reshape(-1)).view(B * n, K, *v.shape[2:])
+            qc = q[:, q0:q1].reshape(B * n, lc if n > 1 else q1 - q0, H, q.shape[3])
+        res = sdpa_attention(qc, kc, vc, scale, return_lse)
+        o, lo = res if return_lse else (res, None)
+        out[:, q0:q1] = o.reshape(B, q1 - q0, H, Dv)
+        if return_lse:
+            lse[:, :, q0:q1] = lo.reshape(B, n, H, -1).transpose(1, 2).reshape(B, H, q1 - q0)
+        c += n
+    return (out, lse) if return_lse else out
+
+
+CHUNK_ATTENTION.register("torch", _chunk_attention_torch)
+CACHED_ATTENTION.register("torch", _cached_attention_torch)

@@ -197,6 +197,8 @@ def t_theta(tt, heads: int):
             f"t_theta must be a float tensor of shape [H] = [{heads}], got {shape}")
     if not tt.is_floating_point():
         fail(f"t_theta must be floating point, got {tt.dtype}")
+    if tt.device.type == "meta":
+        fail("t_theta must hold values (a CPU or CUDA tensor), got a meta tensor")
     ok = ((tt > 0) & torch.isfinite(tt)).all()
     if torch.compiler.is_compiling():
         torch._assert_async(ok, "t_theta must be finite and > 0")
@@ -206,11 +208,13 @@ def t_theta(tt, heads: int):
 
 def rope_params(theta, frame_offset=0.0):
     """theta > 0 and finite; frame_offset finite: either would otherwise give NaN keys."""
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
-            math.isfinite(theta) and theta > 0):
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        fail_type(f"theta must be a finite number > 0, got {theta!r}")
+    if not (math.isfinite(theta) and theta > 0):
         fail(f"theta must be a finite number > 0, got {theta!r}")
-    if isinstance(frame_offset, bool) or not isinstance(frame_offset, (int, float)) or not (
-            math.isfinite(frame_offset)):
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, (int, float)):
+        fail_type(f"frame_offset must be a finite number, got {frame_offset!r}")
+    if not math.isfinite(frame_offset):
         fail(f"frame_offset must be a finite number, got {frame_offset!r}")
 
 

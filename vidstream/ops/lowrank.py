@@ -227,6 +227,8 @@ def lowrank_cached_attention_reference(q, c_pool, w_uk, w_uv, kv_ranges, *, k_r_
 
 
 def _decompress_native(c_pool, w_uk, w_uv, ranges, k_r_pool):
+    if c_pool.shape[2] == 0:  # no latent: K is zeros (then k_r), V zeros; the kernels tile d_c
+        return lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
     return torch.ops.vidstream.lowrank_decompress(c_pool, w_uk, w_uv, ranges.tensor,
                                                   ranges.num_tokens, k_r_pool)
 
@@ -251,7 +253,7 @@ def _attention(backend_name: str, decompress):
             # head dim d_c + d_r, which the CUDA attention does not serve, and in 16 bits errs
             # past the 2x-eager bound. Decompress instead.
             strategy = "decompress"
-        if strategy == "decompress":
+        if strategy == "decompress" or c_pool.shape[2] == 0:  # no latent to tile or absorb
             k, v = decompress(c_pool, w_uk, w_uv, ranges, k_r_pool)
             return _attend(backend_name, q, k, v, scale, return_lse)
         if backend_name == "cpu":  # "absorb" and "tiled" are the fused C++ kernel
@@ -288,3 +290,66 @@ LOWRANK_CACHED_ATTENTION.register("reference", lowrank_cached_attention_eager)
 LOWRANK_CACHED_ATTENTION.register("cpu", _attention("cpu", _decompress_native))
 LOWRANK_CACHED_ATTENTION.register("cuda", _attention("cuda", _decompress_native))
 LOWRANK_CACHED_ATTENTION.register("triton", _attention("triton", _decompress_triton))
+
+
+# ----------------------------------------------------------------------------- torch backend
+# ---- torch backend: the ranges' latents gathered once (or sliced, for one range), one einsum
+# per projection, and the torch backend's SDPA attention. "absorb" attends in the latent space
+# in float32 (float64 for float64): the latents are d_c + d_r values per token, so the upcast
+# copy is small, and no rounding of q_lat to 16 bits costs the lse its accuracy (_absorbed's
+# caveat).
+
+
+def _latent_tokens(pool, ranges: TokenRanges):
+    """The tokens of ``pool`` [B, P, d] in the ranges, in range order: a slice for one range."""
+    spans = [(s, e) for s, e in ranges.pairs if e > s]
+    if len(spans) == 1:
+        (s, e), = spans
+        return pool[:, s:e]
+    return gather_tokens(pool, ranges)
+
+
+def _decompress_torch(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
+    if ranges.pairs is None:  # traced values: the reference (its output length needs them)
+        return lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
+    k_r = None if k_r_pool is None else _latent_tokens(k_r_pool, ranges)
+    return _decompress_tokens(_latent_tokens(c_pool, ranges), w_uk, w_uv, k_r)
+
+
+def _lowrank_attention_torch(q, c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool, scale,
+                             return_lse, strategy):
+    from .attention import sdpa_attention
+
+    if ranges.pairs is None:  # traced values: the masked definition
+        return lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale,
+                                              return_lse)
+    d_nope, d_r = w_uk.shape[2], 0 if k_r_pool is None else k_r_pool.shape[2]
+    if strategy is None:
+        strategy = choose_strategy("torch", q.shape[0], q.shape[1], ranges.num_tokens,
+                                   w_uk.shape[0], w_uk.shape[1], d_nope, d_r, w_uv.shape[2])
+    if strategy == "tiled":
+        checks.fail("strategy 'tiled' runs on the cpu backend only; the torch backend has "
+                    "'decompress' and 'absorb'")
+    if ranges.num_tokens == 0:
+        return empty_attention(q, w_uv.shape[2], return_lse)
+    if strategy == "decompress":
+        k, v = _decompress_torch(c_pool, w_uk, w_uv, ranges, k_r_pool)
+        return sdpa_attention(q, k, v, scale, return_lse)
+    # "absorb": q_lat[h] = q_nope[h] @ w_uk[h]^T against keys concat(c, k_r) and values c, one
+    # kv head for all heads (SDPA sees H * Lq queries of it), then out[h] = o_lat[h] @ w_uv[h].
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].to(cdt), w_uk.to(cdt))
+    c = _latent_tokens(c_pool, ranges).to(cdt)
+    if k_r_pool is not None:
+        q_lat = torch.cat([q_lat, q[..., d_nope:].to(cdt)], dim=-1)
+        k_lat = torch.cat([c, _latent_tokens(k_r_pool, ranges).to(cdt)], dim=-1)
+    else:
+        k_lat = c
+    res = sdpa_attention(q_lat, k_lat[:, :, None], c[:, :, None], scale, return_lse)
+    o_lat = res[0] if return_lse else res
+    out = torch.einsum("bqhc,hcv->bqhv", o_lat, w_uv.to(cdt)).to(q.dtype)
+    return (out, res[1]) if return_lse else out
+
+
+LOWRANK_DECOMPRESS.register("torch", _decompress_torch)
+LOWRANK_CACHED_ATTENTION.register("torch", _lowrank_attention_torch)

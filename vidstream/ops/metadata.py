@@ -45,16 +45,34 @@ class TokenRanges:
     @property
     def num_tokens(self) -> int:
         """Tokens in the union (the ranges are disjoint)."""
-        return sum(e - s for s, e in self._host())
+        return self._facts()[0]
 
     @property
     def max_len(self) -> int:
-        return max((e - s for s, e in self._host()), default=0)
+        return self._facts()[1]
 
     @property
     def end(self) -> int:
         """One past the last token any range covers (0 without tokens)."""
-        return max((e for s, e in self._host() if e > s), default=0)
+        return self._facts()[2]
+
+    def _facts(self) -> tuple:
+        """(num_tokens, max_len, end), worked out once. Plain loops: torch.compile traces them
+        when the pairs are known (they are constants then); without the pairs the values are read
+        back, which only happens outside tracing."""
+        facts = self.__dict__.get("_facts_cache")
+        if facts is None:
+            pairs = self.pairs if self.pairs is not None else tuple(
+                (int(s), int(e)) for s, e in self.tensor.tolist())
+            tokens = longest = end = 0
+            for s, e in pairs:
+                if e > s:
+                    tokens += e - s
+                    longest = e - s if e - s > longest else longest
+                    end = e if e > end else end
+            facts = (tokens, longest, end)
+            self.__dict__["_facts_cache"] = facts
+        return facts
 
     def _host(self) -> tuple:
         # Reached only for untraced values: under torch.compile an op keeps to the tensor.

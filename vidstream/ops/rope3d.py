@@ -10,6 +10,8 @@ its registrations. Kernels: ``csrc/{cpu,cuda}/rope3d*.cpp``, ``csrc/kernels/rope
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .. import _extension, backend
@@ -126,6 +128,9 @@ def _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt, 
             return _traced_slots(frame_slots, frame_pos, F, h * w, k_pool)
         host = frame_slots.detach().to("cpu", torch.int64).tolist()
     else:
+        if not isinstance(frame_slots, Sequence) or isinstance(frame_slots, (str, bytes)):
+            checks.fail_type(f"frame_slots must be an int tensor [F] = [{F}], a list of ints or "
+                             f"FrameSlots, got {type(frame_slots).__name__}")
         host = list(frame_slots)
         if any(isinstance(s, bool) or not isinstance(s, int) for s in host):
             checks.fail_type(f"frame_slots must be ints, got {host!r}")
@@ -257,7 +262,9 @@ def _rope3d_triton(x, grid, frame_offset, theta, t_theta):
 def _rope3d_shift_triton(k_pool, ranges, delta, theta, t_theta):
     from ..triton_kernels import rope3d as kernels
 
-    kernels.rope3d_shift_triton_(k_pool, ranges.tensor, delta, float(theta), t_theta, ranges.max_len)
+    # Traced values are unknown: the pool length bounds every range (a larger grid, same result).
+    max_len = ranges.max_len if ranges.pairs is not None else k_pool.shape[1]
+    kernels.rope3d_shift_triton_(k_pool, ranges.tensor, delta, float(theta), t_theta, max_len)
 
 
 def _rope3d_store_triton(k_pool, v_pool, k, v, slots, grid, theta, t_theta):
@@ -291,3 +298,98 @@ for _op, _eager, _native, _triton in (
     _op.register("cpu", _native)
     _op.register("cuda", _native)
     _op.register("triton", _triton)
+
+
+# ----------------------------------------------------------------------------- torch backend
+# ---- torch backend: vectorised PyTorch. Angles in float64 (the rope_math tables), rounded once
+# to float32 cos/sin (float64 for float64 input), pairs rotated in that dtype as rotate_pairs
+# does. Each band is rotated on its own with its table broadcast over the tokens that share it
+# (temporal per frame, height per row, width per column): nothing larger than the band being
+# rotated is materialised.
+
+
+def _cos_sin(angle: torch.Tensor, x_dtype: torch.dtype):
+    cdt = torch.float64 if x_dtype == torch.float64 else torch.float32
+    return torch.cos(angle).to(cdt), torch.sin(angle).to(cdt)
+
+
+def _rotate_band(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Writes the adjacent pairs of ``src`` [..., 2n] rotated by ``cos``/``sin`` (broadcast to
+    [..., n], their dtype is the arithmetic's) into ``dst`` (may be ``src``)."""
+    pairs = src.unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0].to(cos.dtype), pairs[..., 1].to(cos.dtype)
+    re, im = a * cos - b * sin, a * sin + b * cos  # both formed before dst (maybe src) is written
+    out = dst.unflatten(-1, (-1, 2))
+    out[..., 0] = re
+    out[..., 1] = im
+
+
+def _rope_rotated(x: torch.Tensor, grid, frame_pos: torch.Tensor, theta, t_theta) -> torch.Tensor:
+    """A new tensor: ``x`` [B, F*h*w, H, D] on ``grid`` with frame f at temporal position
+    ``frame_pos[f]`` (float64 [F] on x's device), rotated by the docs/spec.md §3 RoPE."""
+    from .rope_math import band_omega
+
+    F, h, w = grid
+    D = x.shape[3]
+    out = x.new_empty(x.shape)
+    if x.numel() == 0:
+        return out
+    c_t, c_h, c_w = rope_bands(D)
+    dev = x.device
+    src, dst = x.unflatten(1, (F, h, w)), out.unflatten(1, (F, h, w))  # [B, F, h, w, H, D]
+    ang_t = temporal_angles(frame_pos, c_t, theta, t_theta)  # [F, Ht, c_t]
+    cos, sin = _cos_sin(ang_t[:, None, None], x.dtype)
+    _rotate_band(dst[..., : 2 * c_t], src[..., : 2 * c_t], cos, sin)
+    lo = 2 * c_t
+    for n, pos, view in ((c_h, h, (h, 1, 1, c_h)), (c_w, w, (w, 1, c_w))):
+        if n:
+            ang = torch.arange(pos, dtype=torch.float64, device=dev)[:, None] * band_omega(
+                n, theta, dev)[None]
+            cos, sin = _cos_sin(ang.view(view), x.dtype)
+            _rotate_band(dst[..., lo:lo + 2 * n], src[..., lo:lo + 2 * n], cos, sin)
+        lo += 2 * n
+    return out
+
+
+def _rope3d_torch(x, grid, frame_offset, theta, t_theta):
+    pos = torch.arange(grid[0], dtype=torch.float64, device=x.device) + float(frame_offset)
+    return _rope_rotated(x, grid, pos, theta, t_theta)
+
+
+def _rope3d_shift_torch(k_pool, ranges: TokenRanges, delta, theta, t_theta):
+    """Only the temporal band of the ranges' tokens is read and written: gathered through the
+    ranges' token index, rotated by a per-range table, copied back."""
+    if ranges.pairs is None:  # traced values: the membership form of the reference
+        rope3d_shift_eager_(k_pool, ranges, delta, theta, t_theta)
+        return
+    n_tok = ranges.num_tokens
+    if n_tok == 0:
+        return
+    dev = k_pool.device
+    c_t = rope_bands(k_pool.shape[3])[0]
+    ang = temporal_angles(delta.to(dev, torch.float64), c_t, theta, t_theta)  # [R, Ht, c_t]
+    r = ranges.tensor.to(dev, torch.int64)
+    # The range of every gathered token (token_index order; empty ranges hold none), built on
+    # the device: output_size keeps repeat_interleave from reading the lengths back.
+    rid = torch.repeat_interleave(torch.arange(len(ranges), device=dev), r[:, 1] - r[:, 0],
+                                  output_size=n_tok)
+    cos, sin = _cos_sin(ang.index_select(0, rid), k_pool.dtype)  # [N, Ht, c_t]
+    idx = ranges.token_index(dev)
+    band = k_pool[..., : 2 * c_t]
+    tokens = band.index_select(1, idx)  # [B, N, H, 2 c_t]
+    _rotate_band(tokens, tokens, cos, sin)
+    band.index_copy_(1, idx, tokens)
+
+
+def _rope3d_store_torch(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_theta):
+    F, h, w = grid
+    k_rot = _rope_rotated(k, grid, slots.positions.to(k.device, torch.float64), theta, t_theta)
+    token = (slots.tensor.to(k.device, torch.int64)[:, None]
+             + torch.arange(h * w, device=k.device)).reshape(-1)
+    k_pool.index_copy_(1, token, k_rot)
+    v_pool.index_copy_(1, token, v)
+
+
+ROPE3D.register("torch", _rope3d_torch)
+ROPE3D_SHIFT.register("torch", _rope3d_shift_torch)
+ROPE3D_STORE.register("torch", _rope3d_store_torch)

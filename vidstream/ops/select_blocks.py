@@ -143,7 +143,8 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     H, H_kv = q.shape[2], k_pool.shape[2]
     heads_t = torch.tensor(heads, device=q.device)
     kv_t = heads_t // (H // H_kv)
-    qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D]
+    # A stride past the sequence samples query 0 alone; bounded, so the slice cannot overflow.
+    qs = q[:, ::min(query_stride, max(q.shape[1], 1))][:, :, heads_t]  # [B, S, Hs, D]
     if score == "mean" and key_sums is not None:
         ksum = key_sums[:, :, kv_t].to(q.dtype)  # [B, M, Hs, D]
         return (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
@@ -224,3 +225,73 @@ SELECT_BLOCKS.register("reference", select_blocks_eager)
 SELECT_BLOCKS.register("cpu", _native)
 SELECT_BLOCKS.register("cuda", _native)
 SELECT_BLOCKS.register("triton", _triton)
+
+
+# ----------------------------------------------------------------------------- torch backend
+# ---- torch backend: vectorised PyTorch; float32 scores (float64 for float64 inputs). Each
+# block's keys are gathered straight from the pool into one row padded to the longest block (no
+# copy of the pool) and reduced along that row: the same reduction for every block, so equal
+# blocks score bitwise equal and ties stay ties on every device (an index_add segment sum runs
+# on atomics on a GPU, whose order varies).
+
+
+def _block_rows(blocks: TokenRanges, width: int, device):
+    """Pool tokens [M, width] of each block (padding points at a real token, to be masked) and
+    which entries are the block's own."""
+    r = blocks.tensor.to(device, torch.int64)
+    j = torch.arange(width, device=device)
+    valid = j[None, :] < (r[:, 1:] - r[:, :1])
+    return torch.where(valid, r[:, :1] + j, 0), valid
+
+
+def _select_blocks_torch(q, k_pool, blocks: TokenRanges, k, query_stride, heads, score, scale,
+                         sums):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if blocks.pairs is None:  # traced values: no width on the host, the reference's form
+        s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums).to(acc)
+    else:
+        s = _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc)
+    # topk_ascending's rule (a stable descending sort: equal scores keep the smaller index, NaN
+    # sorts first) on the scores' device, so picking reads nothing back to the host.
+    order = torch.sort(s, descending=True, stable=True).indices[:k]
+    return s, torch.sort(order).values
+
+
+def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc):
+    dev = q.device
+    M, width = len(blocks), blocks.max_len
+    H, H_kv = q.shape[2], k_pool.shape[2]
+    # The default heads (the first half) are a run: built on the device, no copy from the host.
+    run = heads == list(range(heads[0], heads[0] + len(heads)))
+    heads_t = torch.arange(heads[0], heads[0] + len(heads), device=dev) if run else torch.tensor(
+        heads, device=dev)
+    kv_t = heads_t // (H // H_kv)  # the kv head of every scored query head
+    qs = q[:, ::query_stride].index_select(2, heads_t)  # [B, S, Hs, D]
+    if score == "mean":
+        # sum_i q_i . sum_j k_j: the sampled queries and each block's keys are summed first, in
+        # float64 (as the C++ and Triton kernels do): the sums are larger than the score, and
+        # float32 would lose what the per-pair products keep (up to ~5x eager's error).
+        wide = torch.float64
+        if sums is not None:
+            ksum = sums.index_select(2, kv_t).to(wide)  # [B, M, Hs, D]
+        elif width == 0:
+            return torch.zeros(M, dtype=acc, device=dev)
+        else:
+            tok, valid = _block_rows(blocks, width, dev)
+            kb = k_pool[:, tok[:, :, None], kv_t[None, None, :]]  # [B, M, width, Hs, D]
+            zero = torch.zeros((), dtype=kb.dtype, device=dev)
+            ksum = torch.where(valid[None, :, :, None, None], kb, zero).sum(2, dtype=wide)
+        qsum = qs.sum(1, dtype=wide)  # [B, Hs, D]
+        count = qs.shape[0] * qs.shape[1] * qs.shape[2]
+        return ((ksum * qsum[:, None]).sum(dim=(0, 2, 3)) * (scale / count)).to(acc)
+    if width == 0:
+        return torch.full((M,), float("-inf"), dtype=acc, device=dev)
+    tok, valid = _block_rows(blocks, width, dev)
+    kb = k_pool[:, tok[:, :, None], kv_t[None, None, :]].to(acc)  # [B, M, width, Hs, D]
+    qbar = qs.to(acc).mean(1)  # [B, Hs, D]
+    dots = torch.einsum("bhd,bmjhd->bmhj", qbar, kb) * scale
+    ninf = torch.full((), float("-inf"), dtype=acc, device=dev)
+    return torch.where(valid[None, :, None, :], dots, ninf).amax(-1).mean(dim=(0, 2))
+
+
+SELECT_BLOCKS.register("torch", _select_blocks_torch)
