@@ -248,6 +248,46 @@ def test_nan_outside_the_keys_does_not_leak(device):
     assert torch.isnan(out[:, :8]).all() and torch.isfinite(out[:, 8:]).all()
 
 
+@pytest.mark.parametrize("device", devices())
+def test_non_finite_inputs_follow_ieee(device):
+    """Where the fused kernels zero a row of non-finite scores (as if it were masked), the
+    torch backend gives the NaN of docs/spec.md (tests/test_fuzz.py checks the full contract)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=g).to(device) for _ in range(3))
+    k, v = k[:, :, :1].repeat(1, 3, 1, 1), v[:, :, :1].repeat(1, 3, 1, 1)  # 12 keys, one kv head
+    q = q.abs() + 0.1  # positive queries: an Inf in a key's channel 0 scores with its sign
+
+    def attend(q, k, v):
+        return run("torch", vidstream.cached_attention, q, k, v, [[0, k.shape[1]]], return_lse=True)
+
+    clean, clean_lse = attend(q, k, v)
+    every = [(i, h) for i in range(4) for h in range(2)]
+    cases = {  # poisoned tensor, where, value, the (query, head) rows expected NaN
+        "nan-in-q": ("q", (0, 2, 1, 3), float("nan"), [(2, 1)]),
+        "inf-in-q": ("q", (0, 1, 0, 0), float("-inf"), [(1, 0)]),
+        "nan-in-a-key": ("k", (0, 5, 0, 2), float("nan"), every),
+        "+inf-score": ("k", (0, 5, 0, 0), float("inf"), every),
+        "every-key-scores-minus-inf": ("k", (0, slice(None), 0, 0), float("-inf"), every),
+    }
+    for name, (where, pos, val, rows) in cases.items():
+        t = {"q": q, "k": k}[where].clone()
+        t[pos] = val
+        out, lse = attend(t, k, v) if where == "q" else attend(q, t, v)
+        want = torch.zeros(4, 2, dtype=torch.bool)
+        want[tuple(zip(*rows))] = True
+        assert torch.equal(torch.isnan(out[0]).all(-1).cpu(), want), name
+        assert torch.equal(~torch.isfinite(lse[0]).T.cpu(), want), name
+        assert torch.equal(out[0][~want], clean[0][~want]), name
+    # One key scoring -inf among finite ones drops out of the softmax.
+    t = k.clone()
+    t[0, 5, 0, 0] = float("-inf")
+    out, lse = attend(q, t, v)
+    keep = [j for j in range(12) if j != 5]
+    want, want_lse = attend(q, k[:, keep], v[:, keep])
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
 def test_prepared_ranges_gather_with_an_index_built_once(monkeypatch):
     """A cache that reuses its prepared TokenRanges gathers through the index built on the first
     call: the host values are not read again."""

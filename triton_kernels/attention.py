@@ -10,6 +10,11 @@ The chunk-causal mask is arithmetic on frame and chunk indices: for a query bloc
 chunks c_lo..c_hi the keys are at most two ranges (sink, window), blocks outside them are never
 visited, blocks every row may see take the unmasked path, and only the boundary blocks evaluate
 the mask. The cached form walks the given ranges; only each range's tail block is masked.
+
+NaN and Inf follow docs/spec.md (Conventions): keys past a range end are never loaded; masked
+scores become -inf before the NaN-propagating running max; where one block's mask differs by
+row (a query tile spanning chunks) and its values hold a NaN or Inf, P @ V is taken key by key
+over each row's allowed keys, so 0 * NaN cannot reach a row that may not see the key.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ._ieee import finalize, running_max
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -47,7 +54,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
-    if MASKED:
+    if MASKED:  # keys past the range end are never read: a NaN there cannot enter
         in_range = offs_n < range_end
         k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
                     mask=in_range[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -73,12 +80,10 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
             if HAS_WINDOW:
                 end_i = (chunk_i + 1) * cf
                 ok = ok & ((frame_j[None, :] < sink) | (frame_j[None, :] >= (end_i - window)[:, None]))
-        s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row may have nothing in this block yet: keep exp2 away from -inf - -inf
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+        s = tl.where(ok, s, float("-inf"))  # a masked key's NaN/Inf score is dropped here
+    # NaN-propagating running max; m_use keeps exp2 away from -inf - -inf in a row that has
+    # seen only -inf so far (masked keys, -inf logits), which would turn it into NaN.
+    m_new, m_use = running_max(m_i, s)
     if IEEE:
         p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)
         alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
@@ -86,11 +91,42 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
+    if MASKED and CHUNK_MASK:
+        # Rows of different chunks may see different keys of this block, and p = 0 does not stop
+        # 0 * NaN (or 0 * Inf) in the product, so a NaN/Inf value would reach rows not allowed to
+        # see it. Only then (rarely) is the product taken key by key, each row over its allowed
+        # keys; v is not modified, so the product still reads it from its pipelined buffer.
+        acc = acc * alpha[:, None]
+        if tl.sum((~(tl.abs(v.to(tl.float32)) < float("inf"))).to(tl.int32)) > 0:
+            acc += _allowed_pv(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N, DV, BLOCK_DV)
+        elif IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    elif IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _allowed_pv(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N: tl.constexpr, DV: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """sum over keys j of p[:, j] * v[j], each row over the keys it may see (``ok``) only: IEEE
+    there (NaN and Inf propagate, 0 * Inf is NaN), nothing from the others."""
+    offs_e = tl.arange(0, BLOCK_DV)
+    cols = tl.arange(0, BLOCK_N)
+    pv = tl.zeros([p.shape[0], BLOCK_DV], dtype=tl.float32)
+    for jj in range(0, BLOCK_N):
+        key = n0 + jj + 0 * offs_e
+        v_row = tl.load(v_ptr + key * sv_l + offs_e, mask=(offs_e < DV) & (key < range_end),
+                        other=0.0).to(tl.float32)
+        pick = (cols == jj)[None, :]
+        p_j = tl.sum(tl.where(pick, p, 0.0), 1)
+        ok_j = tl.sum((pick & ok).to(tl.int32), 1) > 0
+        pv += tl.where(ok_j[:, None], p_j[:, None] * v_row[None, :], 0.0)
+    return pv
 
 
 @triton.jit
@@ -130,18 +166,12 @@ def _load_q(q_ptr, offs_m, sq_l, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
-def _store(o_ptr, lse_ptr, acc, m_i, l_i, offs_m, so_l, n_rows, DV: tl.constexpr,
+def _store(o_ptr, lse_ptr, acc, m_i, l_i, nonempty, offs_m, so_l, n_rows, DV: tl.constexpr,
            BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_DV)
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out, lse = finalize(acc, m_i, l_i, nonempty, not IEEE)  # IEEE: m_i in natural units
     tl.store(o_ptr + offs_m[:, None] * so_l + offs_e[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m < n_rows)[:, None] & (offs_e < DV)[None, :])
-    if IEEE:  # m_i in natural units
-        lse = m_i + tl.log(tl.where(has, l_i, 1.0))
-    else:
-        lse = (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453
-    lse = tl.where(has, lse, float("-inf"))
     tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_rows)
 
 
@@ -193,8 +223,9 @@ def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, 0, keys_end, 0, all_end,
                                       offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV, BLOCK_D,
                                       BLOCK_DV, True, False, IEEE)
-    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * L, acc, m_i, l_i, offs_m, so_l, L, DV,
-           BLOCK_DV, IEEE)
+    # Every query sees at least its own chunk (docs/spec.md §1).
+    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * L, acc, m_i, l_i, True, offs_m, so_l, L,
+           DV, BLOCK_DV, IEEE)
 
 
 @triton.autotune(configs=_configs(), key=["D", "DV", "IEEE"])
@@ -218,14 +249,16 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, nu
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_keys = 0
     for r in range(0, num_ranges):
         rs = tl.load(ranges_ptr + 2 * r)
         re = tl.load(ranges_ptr + 2 * r + 1)
+        n_keys += re - rs
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, rs, re, rs, re, offs_m,
                                       qk_scale, 1, 1, 0, 0, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, False,
                                       IEEE)
-    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, offs_m, so_l, Lq, DV,
-           BLOCK_DV, IEEE)
+    _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, n_keys > 0, offs_m, so_l,
+           Lq, DV, BLOCK_DV, IEEE)
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:

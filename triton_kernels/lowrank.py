@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._ieee import finalize, running_max
+
 
 @triton.jit
 def _decompress_kernel(c_ptr, kr_ptr, wuk_ptr, wuv_ptr, idx_ptr, k_ptr, v_ptr,
@@ -145,16 +147,18 @@ def _latent_attention_kernel(qc_ptr, qlo_ptr, qr_ptr, c_ptr, kr_ptr, idx_ptr, o_
                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
             s = tl.dot(q_r, tl.trans(r), s, input_precision=PREC)
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first tile
-        p = tl.exp2(s - m_new[:, None])
+        # NaN-propagating max, and exponentials relative to 0 while a row has seen only -inf
+        # logits, so -inf - -inf never makes a NaN (docs/spec.md, "NaN and Inf").
+        m_new, m_use = running_max(m_i, s)
+        alpha = tl.exp2(m_i - m_use)  # 0 on the first tile
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PREC)
         m_i = m_new
-    o = acc / l_i[:, None]
+    o, lse = finalize(acc, m_i, l_i, N > 0, True)
     tl.store(o_ptr + (b * R + m[:, None]).to(tl.int64) * D_C + cc[None, :], o,
              mask=m_ok[:, None] & c_ok[None, :])
-    tl.store(lse_ptr + b * R + m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+    tl.store(lse_ptr + b * R + m, lse, mask=m_ok)
 
 
 @triton_op("vidstream::lowrank_latent_attention_triton", mutates_args=())

@@ -4,7 +4,9 @@ Two launches, no ``QK^T``: (1) one program per (batch, chosen head) sums the sam
 (float64 accumulators fed by float32 tiles);
 (2) one program per block reduces its keys (or reads the cached key sums) against those sums and
 writes s_m; the program that finishes last (an acq_rel atomic counter, zeroed by launch 1) ranks
-all M scores and writes the top-k indices, ascending, ties to the smaller index."""
+all M scores and writes the top-k indices, ascending, in torch.sort(descending, stable) order
+(NaN first, ties to the smaller index). A NaN among the keys a block reads, or in the sampled
+queries, makes its score NaN under both scores (the "max" reduction propagates NaN)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ._ieee import max_nan, maximum_nan
 
 
 @triton.jit
@@ -52,8 +56,12 @@ def _topk_tail(scores_ptr, idx_ptr, M, K, TILE: tl.constexpr):
         for c0 in range(0, M, TILE):
             mj = c0 + tl.arange(0, TILE)
             s_j = tl.load(scores_ptr + mj, mask=mj < M, other=float("-inf"), volatile=True)
-            better = (s_j[None, :] > s_i[:, None]) | (
-                (s_j[None, :] == s_i[:, None]) & (mj[None, :] < mi[:, None]))
+            # torch.sort(descending=True, stable=True) order: NaN above every number, equal
+            # scores (NaN among NaN too) to the smaller index.
+            nan_i = (s_i != s_i)[:, None]
+            nan_j = (s_j != s_j)[None, :]
+            tie = ((s_j[None, :] == s_i[:, None]) | (nan_j & nan_i)) & (mj[None, :] < mi[:, None])
+            better = (s_j[None, :] > s_i[:, None]) | (nan_j & ~nan_i) | tie
             better = better & (mj < M)[None, :]
             rank += tl.sum(better.to(tl.int32), axis=1)
         sel = ((rank < K) & mv).to(tl.int32)
@@ -93,7 +101,8 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
                         tile = tl.load(kbase + j[:, None].to(tl.int64) * skl + d[None, :],
                                        mask=msk, other=0.0).to(tl.float32)
                         ks += tl.sum(tile, axis=0).to(tl.float64)
-                total += tl.sum(qv64 * ks, axis=0)
+                # An empty block is an empty sum: 0, even where a sampled query is NaN.
+                total += tl.where(end > start, tl.sum(qv64 * ks, axis=0), 0.0)
             else:
                 qv = qv64.to(tl.float32)
                 best = tl.full([BLOCK_J], float("-inf"), tl.float32)
@@ -103,8 +112,8 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
                     kk = tl.load(kbase + j[:, None].to(tl.int64) * skl + d[None, :], mask=msk,
                                  other=0.0).to(tl.float32)
                     dots = tl.sum(kk * qv[None, :], axis=1) * scale
-                    best = tl.maximum(best, tl.where(j < end, dots, float("-inf")))
-                total += tl.max(best, axis=0).to(tl.float64)
+                    best = maximum_nan(best, tl.where(j < end, dots, float("-inf")))
+                total += max_nan(best, 0).to(tl.float64)  # a NaN key is kept
     tl.store(scores_ptr + m, (total * norm).to(tl.float32))
     # Every thread's part of the store happens before the ticket (release is cumulative).
     tl.debug_barrier()
@@ -124,6 +133,10 @@ def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: to
     idx = torch.empty(min(k, M), dtype=torch.int64, device=dev)
     if M == 0:
         return scores, idx
+    if B == 0:  # s_m is a mean over no (batch, head, query) terms: NaN, as in the reference
+        scores.fill_(float("nan"))
+        torch.arange(min(k, M), out=idx)
+        return scores, idx
     if q.stride(3) != 1:
         q = q.contiguous()
     if k_pool.stride(3) != 1:
@@ -135,6 +148,7 @@ def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: to
     ranges = block_ranges.to(dev, torch.int32).contiguous()
     heads_t = torch.tensor(heads, dtype=torch.int32, device=dev)
     Hs = len(heads)
+    query_stride = min(query_stride, max(Lq, 1))  # the kernel's stride * sample stays in int64
     n_sampled = (Lq + query_stride - 1) // query_stride
     qred = torch.empty(B * Hs, D, dtype=torch.float64, device=dev)
     counter = torch.empty(1, dtype=torch.int32, device=dev)

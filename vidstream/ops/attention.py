@@ -341,10 +341,10 @@ def _sdpa_bhld(q, k, v, scale, need_lse):
     (out [B, H, Lq, Dv], lse [B, H, Lq] or None), or None where no fused kernel serves them."""
     if q.device.type == "cpu":
         # The CPU flash kernel (the one SDPA runs here) always yields the lse. It runs one
-        # precision up: its float32 and 16-bit paths use an approximate exp (errors up to ~3x
-        # eager PyTorch's in float32, an lse off by ~2**-17 in 16 bits), past the accuracy rule;
-        # in float64 it is exact to rounding. (The torch backend is no CPU default: the C++
-        # kernels are.) It needs one head dim for q, k and v: zero channels change nothing.
+        # precision up: in float32 it errs up to ~3x eager PyTorch (measured), in 16 bits its
+        # lse is off by ~2**-17 relative, both past the accuracy rule; in float64 it is exact
+        # to rounding. (The torch backend is no CPU default: the C++ kernels are.) It needs
+        # one head dim for q, k and v: zero channels change no score and no output.
         D, Dv = q.shape[-1], v.shape[-1]
         dtype = q.dtype
         up = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
@@ -370,8 +370,10 @@ def sdpa_attention(q, k, v, scale, return_lse):
     zeros and lse = -inf. The eager formulation serves what no fused kernel takes."""
     B, Lq, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
-    if k.shape[1] == 0 or q.numel() == 0:
+    if k.shape[1] == 0 or B * Lq == 0:
         return empty_attention(q, Dv, return_lse)
+    if D == 0 or Dv == 0:  # degenerate head dims the kernels refuse: the eager form
+        return dense_attention(q, k, v, scale, return_lse)
     G = H // Hk
     # GQA without repeating K/V: with no mask, the G query heads that share a kv head are just
     # G times as many queries of that head (query head h = h_kv * G + g, docs/spec.md).
@@ -381,9 +383,32 @@ def sdpa_attention(q, k, v, scale, return_lse):
         return dense_attention(q, k, v, scale, return_lse)
     o, lse = res
     out = o.unflatten(2, (G, Lq)).permute(0, 3, 1, 2, 4).reshape(B, Lq, H, Dv)
-    if not return_lse:
-        return out
-    return out, lse.reshape(B, H, Lq).float()
+    if lse is not None:
+        lse = lse.reshape(B, H, Lq).float()
+    out, lse = _ieee_rows(q, k, out, lse)
+    return (out, lse) if return_lse else out
+
+
+def _ieee_rows(q, k, out, lse):
+    """docs/spec.md's NaN/Inf rule where fused kernels take a row of non-finite scores for a
+    masked row and zero it: a row is NaN when its query holds a NaN or Inf, when a key it reads
+    holds a NaN (a NaN score), or when every key it reads holds an Inf (each score +-inf or NaN:
+    inf - inf in the softmax). A key with an Inf among finite ones needs no help (+inf score:
+    the kernels give NaN; -inf: the key drops out). Every query here reads every key. Selects
+    only: every other value is kept bitwise, and nothing is read back to the host."""
+    G = q.shape[2] // k.shape[2]
+    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    # One pass over each tensor: min and max per row of channels (NaN propagates through both).
+    q_lo, q_hi = torch.aminmax(q, dim=-1)  # [B, Lq, H]
+    k_lo, k_hi = torch.aminmax(k, dim=-1)  # [B, N, H_kv]
+    finite_key = torch.isfinite(k_lo) & torch.isfinite(k_hi)
+    poisoned = torch.isnan(k_hi).any(dim=1) | ~finite_key.any(dim=1)  # [B, H_kv]
+    rows = ~(torch.isfinite(q_lo) & torch.isfinite(q_hi)) | poisoned.repeat_interleave(
+        G, dim=1)[:, None, :]
+    if lse is not None:  # a non-finite lse is a NaN row too (a kernel that reports it)
+        rows = rows | ~torch.isfinite(lse).transpose(1, 2)
+        lse = torch.where(rows.transpose(1, 2), nan.float(), lse)
+    return torch.where(rows[..., None], nan, out), lse
 
 
 def _merged_spans(pairs) -> list:

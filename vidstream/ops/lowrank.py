@@ -177,13 +177,15 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse)
         return empty_attention(q, w_uv.shape[2], return_lse)
     idx = ranges.token_index(c_pool.device).to(torch.int32)
     q_lat = torch.einsum("bqhn,hcn->bqhc", q[..., :d_nope].float(), w_uk.float())
-    q_lat = q_lat.reshape(B, Lq * H, -1)
+    # Explicit sizes: a -1 is ambiguous when B, Lq or H is 0.
+    q_lat = q_lat.reshape(B, Lq * H, w_uk.shape[1])
     hi = q_lat.to(q.dtype)
     lo = (q_lat - hi.float()).to(q.dtype) if q.dtype != torch.float32 else None
-    q_r = q[..., d_nope:].reshape(B, Lq * H, -1) if k_r_pool is not None else None
+    q_r = (q[..., d_nope:].reshape(B, Lq * H, k_r_pool.shape[2])
+           if k_r_pool is not None else None)
     o_lat, lse = kernels.lowrank_latent_attention_triton(hi, lo, q_r, c_pool, k_r_pool, idx,
                                                          float(scale))
-    out = torch.einsum("bqhc,hcv->bqhv", o_lat.view(B, Lq, H, -1), w_uv.float()).to(q.dtype)
+    out = torch.einsum("bqhc,hcv->bqhv", o_lat.view(B, Lq, H, w_uk.shape[1]), w_uv.float()).to(q.dtype)
     return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 
 

@@ -36,8 +36,8 @@ def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *
     writes a block (``block_key_sums(k_pool, block_ranges)`` or ``k_block.sum(1)``). With it,
     ``score="mean"`` costs O(M * H * D) and does not read the keys; ``score="max"`` needs every
     key and ignores it (it is still checked). Indices are not differentiable."""
-    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads,
-                                               score, block_key_sums)
+    blocks, heads, sums, query_stride = _check_select_blocks(
+        q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
     q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
@@ -49,8 +49,8 @@ def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_s
                  block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
     """The scores s_m [M] that ``select_blocks`` ranks, float32 from a kernel; the reference
     backend gives them in q's dtype."""
-    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, 0, query_stride, heads,
-                                               score, block_key_sums)
+    blocks, heads, sums, query_stride = _check_select_blocks(
+        q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
     q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
@@ -80,7 +80,7 @@ def block_key_sums(k_pool: torch.Tensor, block_ranges) -> torch.Tensor:
 def _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
                          block_key_sums=None) -> tuple:
     """(block ranges on q's device, the list of query heads, the key sums as [B, M, H_kv, D] or
-    None)."""
+    None, the query stride bounded by the sequence)."""
     checks.tensor(q, "q", 4, "[B, Lq, H, D]")
     checks.tensor(k_pool, "k_pool", 4, "[B, P, H_kv, D]")
     checks.floating(q, "q")
@@ -111,7 +111,9 @@ def _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
     if block_key_sums is not None:
         sums = _check_key_sums(block_key_sums, q.shape[0], len(blocks), k_pool.shape[2],
                                q.shape[3], q.device)
-    return blocks, heads, sums
+    # A stride past the sequence samples query 0 alone; bounding it here keeps every backend's
+    # index arithmetic (stride * sample) inside int64.
+    return blocks, heads, sums, min(query_stride, max(q.shape[1], 1))
 
 
 def _check_key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
@@ -183,8 +185,8 @@ def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale,
 def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads=None,
                             score="mean", scale=None, block_key_sums=None):
     """``select_blocks`` computed eagerly (the oracle)."""
-    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads,
-                                               score, block_key_sums)
+    blocks, heads, sums, query_stride = _check_select_blocks(
+        q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     return select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
 
@@ -192,8 +194,8 @@ def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads
 def block_scores_reference(q, k_pool, block_ranges, *, query_stride=8, heads=None, score="mean",
                            scale=None, block_key_sums=None):
     """``block_scores`` computed eagerly (the oracle), in q's dtype."""
-    blocks, heads, sums = _check_select_blocks(q, k_pool, block_ranges, 0, query_stride, heads,
-                                               score, block_key_sums)
+    blocks, heads, sums, query_stride = _check_select_blocks(
+        q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
     return block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
 
@@ -266,7 +268,8 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
     heads_t = torch.arange(heads[0], heads[0] + len(heads), device=dev) if run else torch.tensor(
         heads, device=dev)
     kv_t = heads_t // (H // H_kv)  # the kv head of every scored query head
-    qs = q[:, ::query_stride].index_select(2, heads_t)  # [B, S, Hs, D]
+    # A stride past the sequence samples query 0 alone: bounded, so the slice cannot overflow.
+    qs = q[:, ::min(query_stride, max(q.shape[1], 1))].index_select(2, heads_t)  # [B, S, Hs, D]
     if score == "mean":
         # sum_i q_i . sum_j k_j: the sampled queries and each block's keys are summed first, in
         # float64 (as the C++ and Triton kernels do): the sums are larger than the score, and
