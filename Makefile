@@ -30,9 +30,9 @@ all: test
 # Re-run when this file changes: a package added to the list reaches existing venvs too.
 $(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip" "setuptools>=64" wheel
+	$(PY) -m pip install -q --upgrade "pip" "setuptools>=77" wheel
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q triton numpy ninja pytest expecttest hypothesis ruff tqdm matplotlib
+	$(PY) -m pip install -q triton numpy safetensors ninja pytest expecttest hypothesis ruff build tqdm matplotlib
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(EXT_SOURCES)
@@ -48,16 +48,23 @@ test: build
 demo: build
 	$(PY) -m vidstream demo --compare --out out/demo
 
+# Every benchmark, results into bench/results/ (CPU: minutes; the figures the README quotes).
 bench: build
-	$(PY) bench/bench_rope3d.py
+	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b --json bench/results/; done
 
 lint: $(ENV_STAMP)
 	$(PY) -m ruff check .
 
-# The torch-free CUDA kernels for sm_80 and sm_90a, and a syntax check of the CUDA bindings;
-# needs nvcc, no GPU.
+# The torch-free CUDA kernels for sm_80 and sm_90a, and a syntax check of the CUDA bindings
+# (needs nvcc); every Triton kernel compiled for sm_90 with triton TRITON_AOT_VERSION, the
+# GPU machines' version, from a small venv build/triton-<version> (tools/triton_aot_check.py;
+# TRITON_AOT_VERSION= skips it, TRITON_AOT_ARGS="--configs all --timeout 0" is the full check).
+# No GPU.
+TRITON_AOT_VERSION ?= 3.6.0
+TRITON_AOT_ARGS ?=
 compile-check: $(ENV_STAMP)
-	tools/compile_check.sh $(PY)
+	TRITON_AOT_VERSION="$(TRITON_AOT_VERSION)" TRITON_AOT_ARGS="$(TRITON_AOT_ARGS)" \
+		tools/compile_check.sh $(PY)
 
 clean:
 	rm -rf build vidstream/_C*.so *.egg-info

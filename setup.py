@@ -4,16 +4,31 @@ The C++ CPU kernels are always built.  The CUDA kernels are built when
 ``VIDSTREAM_BUILD_CUDA`` is ``1``, or when it is ``auto`` (the default) and the installed
 torch has CUDA and ``nvcc`` is found.  Build against the torch already installed::
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .          # a source checkout (or `make build`)
+    pip install --no-build-isolation vidstream-*.tar.gz
+
+The sdist carries every source a build can need (MANIFEST.in); a wheel carries the built
+``vidstream._C`` and, beside it, what it was built from and against (``_kernel_fingerprints.json``,
+``_build_info.json``).
 """
 
 import glob
+import hashlib
+import json
 import os
+import platform
 import shutil
+import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# CUDA sources are not in the wheel: the runtime learns what was compiled in from this file, to
+# match it against the record of GPU-validated kernels (vidstream/validation.py).
+FINGERPRINTS = os.path.join("vidstream", "_kernel_fingerprints.json")
+# The torch _C was built against, and how: `vidstream info` and the load-failure message read it
+# (vidstream/_extension.py).
+BUILD_INFO = os.path.join("vidstream", "_build_info.json")
 
 
 def _want_cuda():
@@ -52,7 +67,8 @@ def _extensions():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -g0: Python's CFLAGS carry -g, which made a 13 MB _C of which 0.5 MB is code.
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return [
@@ -81,15 +97,73 @@ def _extensions():
     ]
 
 
-def main():
+def _write_fingerprints(extensions, path):
+    """sha256 of every csrc file compiled in: the sources, and the headers beside them (any of
+    which they may include)."""
+    sources = {os.path.relpath(os.path.join(ROOT, s), ROOT) for ext in extensions for s in ext.sources}
+    dirs = {os.path.dirname(s) for s in sources}
+    headers = {os.path.relpath(h, ROOT) for d in dirs for pattern in ("*.h", "*.cuh")
+               for h in glob.glob(os.path.join(ROOT, d, pattern))}
+    files = {}
+    for rel in sorted(sources | headers):
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            files[rel.replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"version": 1, "files": files}, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _write_build_info(extensions, path):
+    import torch
+
+    ext = extensions[0]
+    cuda = any(s.endswith(".cu") for s in ext.sources)
+    info = {
+        "version": 1,
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
+        "python": platform.python_version(),
+        "platform": sys.platform + "-" + platform.machine(),
+        "cuda_kernels": cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
+        "cxx_flags": ext.extra_compile_args.get("cxx", []),
+        "nvcc_flags": ext.extra_compile_args.get("nvcc", []) if cuda else [],
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            # Only once the compile succeeded, and beside the _C it describes: a failed build
+            # keeps the fingerprints of what the old _C holds.
+            where = ROOT if self.inplace else self.build_lib
+            _write_fingerprints(self.extensions, os.path.join(where, FINGERPRINTS))
+            _write_build_info(self.extensions, os.path.join(where, BUILD_INFO))
+
+    return BuildExt
+
+
+def main():
     _max_jobs()
     setup(
-        packages=["vidstream", "vidstream.triton_kernels"],
+        # Every subpackage (vidstream.ops, vidstream.streaming, ...), and the top-level
+        # triton_kernels/ installed as vidstream.triton_kernels.
+        packages=find_packages(include=["vidstream", "vidstream.*"]) + ["vidstream.triton_kernels"],
         package_dir={"vidstream": "vidstream", "vidstream.triton_kernels": "triton_kernels"},
+        package_data={"vidstream": ["py.typed", "validated.json", "_kernel_fingerprints.json",
+                                    "_build_info.json"]},
         ext_modules=_extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": _build_ext()},
         zip_safe=False,
     )
 

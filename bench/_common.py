@@ -7,11 +7,31 @@ import datetime
 import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import time
 
 import torch
+
+
+def add_size_options(parser):
+    """``--headline`` and ``--tiny``: the two sizes bench/gpu_check.sh asks a benchmark for."""
+    parser.add_argument("--headline", action="store_true",
+                        help="only the headline shapes, few repetitions (bench/gpu_check.sh on a "
+                             "lent GPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes, one or two repetitions: runs in seconds on a CPU to check "
+                             "the harness (bench/gpu_check.sh --dry-run); the numbers mean nothing")
+
+
+def size_name(args) -> str:
+    """'tiny', 'headline' or 'full': recorded in the JSON of a run."""
+    return "tiny" if getattr(args, "tiny", False) else (
+        "headline" if getattr(args, "headline", False) else "full")
+
+
+# time_ms keywords of a --tiny run: the harness runs, nothing is measured.
+TINY_TIMING = dict(warmup=1, reps=2, min_time_s=0.0)
 
 
 def sync(device):
@@ -20,26 +40,50 @@ def sync(device):
 
 
 def time_ms(fn, *, device="cpu", warmup: int = 3, reps: int = 20, min_time_s: float = 0.2) -> float:
-    """Median milliseconds of ``fn()``; CUDA events on a GPU, the wall clock on a CPU."""
+    """Median milliseconds of ``fn()``. On a GPU ``triton.testing.do_bench`` (CUDA events, the L2
+    cache flushed between runs); on a CPU ``torch.utils.benchmark`` (blocks of runs at least
+    ``min_time_s`` long, at torch's thread count)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        # do_bench takes milliseconds of warm-up and of measurement, not counts: a first call
+        # sizes them so that about ``warmup`` and ``reps`` runs happen.
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        once_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        return triton.testing.do_bench(fn, warmup=max(1, int(warmup * once_ms)),
+                                       rep=max(1, int(reps * once_ms)), return_mode="median")
+    from torch.utils import benchmark
+
     for _ in range(warmup):
         fn()
-    sync(device)
-    times = []
-    if torch.device(device).type == "cuda":
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        t_end = time.perf_counter() + min_time_s
-        while len(times) < reps or (time.perf_counter() < t_end and len(times) < 10 * reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_time_s)
+    return m.median * 1e3
+
+
+def _vidstream_version() -> str:
+    import vidstream
+
+    return vidstream.__version__
+
+
+def _git_commit() -> str | None:
+    """The commit measured, with "+dirty" when the tree has uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("VIDSTREAM_COMMIT")
+    if head.returncode != 0:
+        return os.environ.get("VIDSTREAM_COMMIT")
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def environment(device) -> dict:
@@ -51,6 +95,8 @@ def environment(device) -> dict:
         "python": platform.python_version(),
         "host": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "vidstream": _vidstream_version(),
+        "commit": _git_commit(),
     }
     try:
         import triton

@@ -12,6 +12,8 @@ Useful TFLOP/s count only the (query, key) pairs the mask allows: 4 * D * pairs 
 
     python bench/bench_attention.py --device cpu [--threads 1] [--quick] [--json bench/results/]
     python bench/bench_attention.py --device cuda --json bench/results/
+    python bench/bench_attention.py --device cuda --headline   # bench/gpu_check.sh: one cached
+        # context (27,872) and the full form, vidstream triton/cuda/torch against SDPA and Flex
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_table, time_ms, write_json  # noqa: E402
+from _common import add_size_options, print_table, size_name, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
 from vidstream import reference  # noqa: E402
@@ -44,6 +46,12 @@ def _wan_cases(quick: bool):
 def _cpu_cases(quick: bool):
     return dict(ft=64, H=4, D=64, cf=3, cached=[(7 * 64, "sink 1 + window 6 frames")] + (
         [] if quick else [(12 * 64, "12 frames")]), full_frames=12, sink=1, window=6)
+
+
+def _tiny_cases():
+    """--tiny: a few hundred tokens, to run the harness in seconds."""
+    return dict(ft=16, H=2, D=64, cf=3, cached=[(7 * 16, "sink 1 + window 6 frames")],
+                full_frames=6, sink=1, window=3)
 
 
 def _cached_layout(ctx: int, lq: int, ft: int, sink_frames: int):
@@ -200,8 +208,10 @@ def main():
                     help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--backend", default=None,
                     help="comma list of vidstream backends (default: cpu on a CPU, triton,cuda on a GPU)")
-    ap.add_argument("--peers", default="eager,sdpa,flex", help="comma list among eager, sdpa, flex")
+    ap.add_argument("--peers", default=None, help="comma list among eager, sdpa, flex (default: all "
+                    "three; sdpa,flex with --headline, sdpa with --tiny)")
     ap.add_argument("--quick", action="store_true", help="one cached context, fewer repetitions")
+    add_size_options(ap)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for every implementation (default: torch's); 1 gives stable "
                          "numbers on a shared machine")
@@ -211,17 +221,25 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    cfg = _wan_cases(args.quick) if device.type == "cuda" else _cpu_cases(args.quick)
-    backend = (args.backend or ("cpu" if device.type == "cpu" else "triton,cuda")).split(",")
-    peers = set(args.peers.split(","))
-    reps = 5 if args.quick else 20
+    short = args.quick or args.headline
+    if args.tiny:
+        cfg = _tiny_cases()
+    else:
+        cfg = _wan_cases(short) if device.type == "cuda" else _cpu_cases(short)
+    default_backends = "cpu" if device.type == "cpu" else (
+        "triton,cuda,torch" if args.headline else "triton,cuda")
+    backend = (args.backend or default_backends).split(",")
+    peers = set((args.peers or ("sdpa" if args.tiny else "sdpa,flex" if args.headline
+                                else "eager,sdpa,flex")).split(","))
+    reps = 2 if args.tiny else 10 if args.headline else 5 if args.quick else 20
     torch.manual_seed(0)
     rows = bench_cached(cfg, device, dtype, reps, backend, peers)
     rows += bench_full(cfg, device, dtype, reps, backend, peers)
     cols = ["form", "shape", "impl", "ms", "useful_TFLOPs", "vidstream_speedup"]
     print_table(rows, cols, title=f"attention on {device} ({dtype}; vidstream_speedup = "
                 f"ms / best vidstream ms of the same shape)")
-    write_json(args.json, f"attention_{device.type}", device, rows, dtype=str(dtype), backends=backend)
+    write_json(args.json, f"attention_{device.type}", device, rows, dtype=str(dtype), backends=backend,
+               size=size_name(args))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 
     python bench/bench_lowrank.py --device cuda --json bench/results/
     python bench/bench_lowrank.py --device cpu --quick     # reduced context on a CPU
+    python bench/bench_lowrank.py --device cuda --headline # bench/gpu_check.sh: full shape, a
+        # four-point sweep at d_c 192, no reconstruction table
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_table, time_ms, write_json  # noqa: E402
+from _common import add_size_options, print_table, size_name, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
 from vidstream import testing  # noqa: E402
@@ -195,15 +197,25 @@ def main():
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default 1 on a CPU: with one thread the process time is the "
                         "work done, free of OpenMP spin-waits and of other processes' load)")
+    add_size_options(p)
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda or args.threads:
         torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.reps = args.reps or (20 if cuda else 4)
-    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    if args.quick:
+    args.reps = args.reps or (2 if args.tiny else 10 if args.headline else 20 if cuda else 4)
+    args.warmup = args.warmup if args.warmup is not None else (
+        1 if args.tiny else 2 if args.headline else 3 if cuda else 1)
+    if args.tiny:
+        Lq, N = 16, 128
+        args.sweep_queries, args.sweep_latents = [1, 8], [64]
+        args.ranks, args.recon_tokens, args.skip_recon = [], 0, True
+    elif args.headline:
+        Lq, N = FULL_Q, FULL_CTX
+        args.sweep_queries, args.sweep_latents = [1, 256, 1560, 4680], [D_C]
+        args.ranks, args.recon_tokens, args.skip_recon = [], 0, True
+    elif args.quick:
         Lq, N = 1560, 4680
         args.sweep_queries, args.sweep_latents = [1, 64, 256, 1560], [64, 192, 512]
         args.ranks, args.recon_tokens = [32, 64, 192, 512, 1024, 1537], 1024
@@ -233,7 +245,7 @@ def main():
                     "12 x 128), random nn.Linear-initialised weights + bias, random N(0,1) activations")
     write_json(args.json, "bench_lowrank", device, rows, sizes=sizes, sweep=sweep,
                reconstruction=recon, shape={"Lq": Lq, "N": N, "quick": args.quick,
-                                             "dtype": str(dtype)})
+                                             "dtype": str(dtype)}, size=size_name(args))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
 - ``rope3d`` of one 3-frame chunk (4,680 tokens) against Wan2.1's eager way (complex float64).
 
     python bench/bench_rope3d.py [--device cuda] [--dtype bfloat16] [--json bench/results/]
+
+``--headline`` (bench/gpu_check.sh) is the same two shapes with fewer repetitions; ``--tiny`` a
+2-head, 16-token-frame version that only checks the harness.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vidstream.ops.rope_math import band_omega, rope_bands  # noqa: E402
 
 HEADS, HEAD_DIM, FRAME_TOKENS, GRID_HW = 12, 128, 1560, (30, 52)
 CACHE_TOKENS = 27_872
+TINY = dict(heads=2, frame_tokens=16, grid_hw=(4, 4), cache_tokens=12 * 16)  # --tiny
 
 
 def eager_shift_(pool, ranges, delta, theta=10000.0):
@@ -73,44 +77,53 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
-    ap.add_argument("--cache-tokens", type=int, default=CACHE_TOKENS)
+    ap.add_argument("--cache-tokens", type=int, default=None,
+                    help=f"default {CACHE_TOKENS} ({TINY['cache_tokens']} with --tiny)")
     ap.add_argument("--json", default=None, help="a file, or a folder for rope.json")
+    _common.add_size_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
+    heads, frame_tokens, grid_hw = (TINY["heads"], TINY["frame_tokens"], TINY["grid_hw"]) if args.tiny \
+        else (HEADS, FRAME_TOKENS, GRID_HW)
+    timing = _common.TINY_TIMING if args.tiny else dict(reps=10) if args.headline else {}
+    # --headline also times the torch backend: the CUDA default until a kernel is validated.
+    backends = kernel_backends(device) + (["torch"] if args.headline else [])
 
-    P = args.cache_tokens
-    pool0 = torch.randn(1, P, HEADS, HEAD_DIM, device=device).to(dtype)
+    P = args.cache_tokens or (TINY["cache_tokens"] if args.tiny else CACHE_TOKENS)
+    pool0 = torch.randn(1, P, heads, HEAD_DIM, device=device).to(dtype)
     # Sink, mid, recent and the current chunk, each moved by its own number of frames.
-    cuts = [0, 3 * FRAME_TOKENS, P // 2, P - 3 * FRAME_TOKENS, P]
+    cuts = [0, 3 * frame_tokens, P // 2, P - 3 * frame_tokens, P]
     ranges = [[cuts[i], cuts[i + 1]] for i in range(4)]
     delta = [-3.0, -16.0, 5.0, 1.0]
     ranges_t = torch.tensor(ranges, dtype=torch.int32)
     c_t = rope_bands(HEAD_DIM)[0]
-    band_bytes = 2 * P * HEADS * 2 * c_t * pool0.element_size()  # read + write
+    band_bytes = 2 * P * heads * 2 * c_t * pool0.element_size()  # read + write
 
     rows = []
     pool = pool0.clone()
-    eager_ms = _common.time_ms(lambda: eager_shift_(pool, ranges, delta), device=device)
+    eager_ms = _common.time_ms(lambda: eager_shift_(pool, ranges, delta), device=device, **timing)
     rows.append(dict(op="rope3d_shift_", impl="eager complex64", ms=eager_ms,
                      GBps=band_bytes / eager_ms / 1e6, speedup=1.0))
-    for b in kernel_backends(device):
+    for b in backends:
         pool = pool0.clone()
         with vidstream.use_backend(b):
-            ms = _common.time_ms(lambda p=pool: vidstream.rope3d_shift_(p, ranges_t, delta), device=device)
+            ms = _common.time_ms(lambda p=pool: vidstream.rope3d_shift_(p, ranges_t, delta), device=device,
+                                 **timing)
         rows.append(dict(op="rope3d_shift_", impl=b, ms=ms, GBps=band_bytes / ms / 1e6,
                          speedup=eager_ms / ms))
 
-    grid = (3, *GRID_HW)
-    x = torch.randn(1, 3 * FRAME_TOKENS, HEADS, HEAD_DIM, device=device).to(dtype)
+    grid = (3, *grid_hw)
+    x = torch.randn(1, 3 * frame_tokens, heads, HEAD_DIM, device=device).to(dtype)
     io_bytes = 2 * x.numel() * x.element_size()
-    eager_ms = _common.time_ms(lambda: eager_rope3d(x, grid, 18), device=device)
+    eager_ms = _common.time_ms(lambda: eager_rope3d(x, grid, 18), device=device, **timing)
     rows.append(dict(op="rope3d", impl="eager complex128 (Wan)", ms=eager_ms,
                      GBps=io_bytes / eager_ms / 1e6, speedup=1.0))
-    for b in kernel_backends(device):
+    for b in backends:
         with vidstream.use_backend(b):
-            ms = _common.time_ms(lambda: vidstream.rope3d(x, grid=grid, frame_offset=18), device=device)
+            ms = _common.time_ms(lambda: vidstream.rope3d(x, grid=grid, frame_offset=18), device=device,
+                                 **timing)
         rows.append(dict(op="rope3d", impl=b, ms=ms, GBps=io_bytes / ms / 1e6, speedup=eager_ms / ms))
 
     extra = {}
@@ -122,11 +135,13 @@ def main(argv=None):
     env = _common.environment(device)
     _common.print_table(
         rows, ["op", "impl", "ms", "GBps", "speedup"] + (["pct_of_copy"] if extra else []),
-        title=f"RoPE at Wan-1.3B shapes ({HEADS}x{HEAD_DIM}, {P}-token cache, {dtype}) on {env['device']}")
+        title=f"RoPE at {'tiny' if args.tiny else 'Wan-1.3B'} shapes ({heads}x{HEAD_DIM}, {P}-token cache, "
+              f"{dtype}) on {env['device']}")
     if extra:
         print(f"device-to-device copy: {extra['copy_GBps']:.0f} GB/s (read + write)")
     print("GBps counts the bytes the op must move: the temporal band for the shift, all of x for rope3d.")
-    _common.write_json(args.json, "rope", device, rows, dtype=str(dtype), cache_tokens=P, **extra)
+    _common.write_json(args.json, "rope", device, rows, dtype=str(dtype), cache_tokens=P,
+                       size=_common.size_name(args), **extra)
     return rows
 
 

@@ -10,6 +10,9 @@ row says which). On a CPU its reference materialises a 6 GB score matrix, so the
 torch SDPA of the 4,680 current queries over the gathered 27,872-token context.
 
     python bench/bench_select_blocks.py --device cpu --json bench/results/
+
+``--headline`` (bench/gpu_check.sh): the same shape, fewer repetitions; ``--tiny``: 4 heads x 32,
+20 blocks of 6 tokens, only to check the harness.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_table, time_ms, write_json  # noqa: E402
+from _common import TINY_TIMING, add_size_options, print_table, size_name, time_ms, write_json  # noqa: E402
 
 import vidstream  # noqa: E402
 from vidstream import testing  # noqa: E402
@@ -33,6 +36,8 @@ HEADS, HEAD_DIM = 12, 128
 CURRENT, RECENT = 4680, 6240
 STRIDE, M, BLOCK, TOPK = 8, 64, 182, 16
 CONTEXT = 27872
+# --tiny: (heads, head dim, current + recent queries, blocks, block tokens, context, compressed grid)
+TINY = dict(heads=4, head_dim=32, queries=128, blocks=20, block=6, context=256, grid=(4, 4, 4))
 
 
 def eager_mean(q, k_pool, ranges, heads, scale):
@@ -71,6 +76,7 @@ def main():
     ap.add_argument("--json", default=None, help="write results to this file or folder")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_size_options(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,21 +84,30 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    Lq = CURRENT + RECENT
-    q = torch.randn(1, Lq, HEADS, HEAD_DIM, device=dev, dtype=dtype)
-    k_pool = torch.randn(1, M * BLOCK, HEADS, HEAD_DIM, device=dev, dtype=dtype)
-    ranges = torch.tensor([[m * BLOCK, (m + 1) * BLOCK] for m in range(M)], dtype=torch.int32)
-    heads = list(range(HEADS // 2))
-    scale = HEAD_DIM**-0.5
+    if args.tiny:
+        H, D, Lq, n_blocks, block, context, grid = (TINY[k] for k in (
+            "heads", "head_dim", "queries", "blocks", "block", "context", "grid"))
+    else:
+        H, D, Lq, n_blocks, block, context, grid = (HEADS, HEAD_DIM, CURRENT + RECENT, M, BLOCK,
+                                                    CONTEXT, (4, 30, 52))
+    timing = TINY_TIMING if args.tiny else dict(reps=10) if args.headline else {}
+    few = dict(timing, reps=2) if args.tiny else dict(timing, reps=5)
+    q = torch.randn(1, Lq, H, D, device=dev, dtype=dtype)
+    k_pool = torch.randn(1, n_blocks * block, H, D, device=dev, dtype=dtype)
+    ranges = torch.tensor([[m * block, (m + 1) * block] for m in range(n_blocks)], dtype=torch.int32)
+    heads = list(range(H // 2))
+    scale = D**-0.5
     sums = selection.block_key_sums(k_pool, ranges)
 
     fused_backends = ["cpu"] if dev.type == "cpu" else [
         b for b in ("triton", "cuda") if testing.why_not(b, "select_blocks", dev, dtype) is None]
+    if args.headline and dev.type == "cuda":
+        fused_backends.append("torch")  # the CUDA default until a kernel is validated
 
     rows = []
-    t_eager = time_ms(lambda: eager_mean(q, k_pool, ranges, heads, scale), device=dev, reps=5)
+    t_eager = time_ms(lambda: eager_mean(q, k_pool, ranges, heads, scale), device=dev, **few)
     rows.append(dict(name="eager mean (QK^T materialised)", backend="torch", ms=t_eager))
-    t_eager_max = time_ms(lambda: eager_max(q, k_pool, ranges, heads, scale), device=dev, reps=5)
+    t_eager_max = time_ms(lambda: eager_max(q, k_pool, ranges, heads, scale), device=dev, **few)
     rows.append(dict(name="eager max (qbar K^T)", backend="torch", ms=t_eager_max))
     ref = eager_mean(q, k_pool, ranges, heads, scale)
     for b in fused_backends:
@@ -105,37 +120,37 @@ def main():
                 ("fused max", {"score": "max"}, t_eager_max),
             ):
                 t = time_ms(lambda kw=kw: vidstream.select_blocks(
-                    q, k_pool, ranges, TOPK, query_stride=STRIDE, **kw), device=dev)
+                    q, k_pool, ranges, TOPK, query_stride=STRIDE, **kw), device=dev, **timing)
                 rows.append(dict(name=name, backend=b, ms=t, speedup_vs_eager=base / t,
                                  same_as_eager=agree if name == "fused mean" else None))
 
-    kb = torch.randn(1, 6240, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    kb = torch.randn(1, grid[0] * grid[1] * grid[2], H, D, device=dev, dtype=dtype)
     rows.append(dict(name="compress one block (pool, RoPE-aware)", backend="torch",
-                     ms=time_ms(lambda: C.compress_block(kb, kb, grid=(4, 30, 52), frame_offset=9.0),
-                                device=dev, reps=5)))
+                     ms=time_ms(lambda: C.compress_block(kb, kb, grid=grid, frame_offset=9.0),
+                                device=dev, **few)))
 
     attn = None
     if not args.skip_attention:
-        qa = torch.randn(1, CURRENT, HEADS, HEAD_DIM, device=dev, dtype=dtype)
-        kp = torch.randn(1, CONTEXT, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+        qa = torch.randn(1, Lq if args.tiny else CURRENT, H, D, device=dev, dtype=dtype)
+        kp = torch.randn(1, context, H, D, device=dev, dtype=dtype)
         if dev.type == "cuda":
-            rng = torch.tensor([[0, CONTEXT]], dtype=torch.int32)
+            rng = torch.tensor([[0, context]], dtype=torch.int32)
             which = "vidstream.cached_attention/" + vidstream.backend_for("cached_attention", qa)
             fn = lambda: vidstream.cached_attention(qa, kp, kp, rng)
         else:
             which = "torch SDPA stand-in (cpu)"
             qt, kt = qa.transpose(1, 2), kp.transpose(1, 2)
             fn = lambda: F.scaled_dot_product_attention(qt, kt, kt)
-        attn = time_ms(fn, device=dev, warmup=1, reps=3, min_time_s=0.0)
-        rows.append(dict(name=f"attention, one layer, {CONTEXT} ctx", backend=which, ms=attn))
+        attn = time_ms(fn, device=dev, warmup=1, reps=2 if args.tiny else 3, min_time_s=0.0)
+        rows.append(dict(name=f"attention, one layer, {context} ctx", backend=which, ms=attn))
         for r in rows:
             if r["name"].startswith(("fused", "eager")):
                 r["frac_of_attention"] = r["ms"] / attn
 
     cols = ["name", "backend", "ms", "speedup_vs_eager", "frac_of_attention", "same_as_eager"]
     print_table(rows, cols, title=f"select_blocks, {dev.type} {dtype}: Lq={Lq} stride {STRIDE}, "
-                f"{len(heads)}/{HEADS} heads x {HEAD_DIM}, M={M} x {BLOCK}, k={TOPK}")
-    write_json(args.json, f"bench_select_{dev.type}", dev, rows, dtype=str(dtype))
+                f"{len(heads)}/{H} heads x {D}, M={n_blocks} x {block}, k={TOPK}")
+    write_json(args.json, f"bench_select_{dev.type}", dev, rows, dtype=str(dtype), size=size_name(args))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def _median_near(rows, lo, hi):
 
 def run_config(model, text, frames, *, cache, mid_blocks, top_k, args, kernels=None):
     options = {**partition_options(args), "mid_blocks": mid_blocks, "top_k": top_k}
+    if args.compile and cache == "bounded":
+        options["compile"] = True
     run = run_stream(model, text, frames, cache=cache, kernels=kernels, seed=0,
                      compressor=default_compressor() if args.space_pool is None
                      else AvgPoolCompressor(2, args.space_pool), **options)
@@ -73,6 +75,10 @@ def main():
     p.add_argument("--space-pool", type=int, default=None, help="use AvgPoolCompressor(2, N) for mid "
                    "blocks (default: compressors.default_compressor())")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="StreamingGenerator(compile=True) for the bounded-cache configs: a graph per "
+                        "cache layout, so the first chunks include compile time (read ms_per_chunk, "
+                        "a median)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -129,7 +135,7 @@ def main():
     print(f"fused cache at PackForcing-like partitions {PACKFORCING}, wan-1.3b bf16, 30 layers: "
           f"{pf / 2**30:.2f} GiB")
     write_json(args.json, "bench_stream", dev, rows, preset=args.preset, dtype=dtype_name,
-               frames=args.frames, kernels=kernels, packforcing_cache_bytes=pf)
+               frames=args.frames, compiled=args.compile, kernels=kernels, packforcing_cache_bytes=pf)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def test_unknown_backend_is_refused():
 
 
 def test_cuda_tensors_default_to_gpu_validated_backends_only(monkeypatch):
-    """A CUDA tensor never defaults to a kernel that has not passed the suite on a GPU: it gets
-    the torch backend (PyTorch's own fused ops), never the eager reference."""
+    """A CUDA tensor never defaults to a kernel that vidstream/validated.json does not validate
+    for this GPU: it gets the torch backend (PyTorch's own fused ops), never the eager reference."""
     monkeypatch.setattr(backend, "usable", lambda name, op, device, dtype: None)
 
     class Cuda:
@@ -66,10 +66,31 @@ def test_cuda_tensors_default_to_gpu_validated_backends_only(monkeypatch):
     for op in testing.ops():
         picked = vidstream.backend_for(op, Cuda)
         validated = [n for n in ("cuda", "triton") if n in testing.registered_backends(op)
-                     and testing.gpu_validated(op, n)]
+                     and testing.gpu_validated(op, n, Cuda.dtype)]
         fallback = "torch" if "torch" in testing.registered_backends(op) else "reference"
         assert picked == (validated[0] if validated else fallback), op
 
+
+@pytest.mark.parametrize("head_dim,dtype,want", [(128, torch.float16, "cuda"),
+                                                 (96, torch.float16, "torch"),
+                                                 (64, torch.float32, "torch")])
+def test_gpu_default_skips_a_validated_kernel_that_does_not_serve_the_input(
+        monkeypatch, head_dim, dtype, want):
+    """A validated cuda attention kernel is the default only for inputs it serves (float16 /
+    bfloat16, head dim 64 or 128); other inputs fall to the torch backend, not to an error."""
+    monkeypatch.setattr(backend, "usable", lambda name, op, device, dtype: None)
+    monkeypatch.setattr(backend, "validated", lambda op, name, dtype, arch: name == "cuda")
+    q = torch.randn(1, 4, 2, head_dim).to(dtype)
+    for op in ("chunk_attention", "cached_attention"):
+        assert backend.op(op).gpu_default(dtype, "sm_90", torch.device("cuda"), q) == want, op
+
+
+def test_forced_kernel_that_does_not_serve_the_input_says_why(monkeypatch):
+    monkeypatch.setattr(backend, "usable", lambda name, op, device, dtype: None)
+    q = torch.randn(1, 4, 2, 96, dtype=torch.float16)
+    k = torch.randn(1, 4, 1, 96, dtype=torch.float16)
+    with vidstream.use_backend("cuda"), pytest.raises(ValueError, match="head dims 64 and 128"):
+        vidstream.chunk_attention(q, k, k, frame_tokens=2, chunk_frames=1)
 
 def test_use_backend_is_local_to_a_thread():
     """Two threads forcing different backends never see each other's choice."""
@@ -171,8 +192,7 @@ def test_two_generators_in_two_threads_keep_their_backends(monkeypatch):
     for op in testing.ops():
         entry = backend.op(op)
         for name, impl in list(entry.impls.items()):
-            monkeypatch.setitem(entry.impls, name, backend.Implementation(
-                counting(op, name, impl.fn), impl.gpu_validated))
+            monkeypatch.setitem(entry.impls, name, backend.Implementation(counting(op, name, impl.fn)))
     model = vidstream.StreamingDiT("tiny", seed=0).eval()
     text = torch.randn(1, model.config.text_len, model.config.text_dim)
     barrier = threading.Barrier(2)

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vidstream._safetensors import save_file
+from safetensors.torch import save_file
 from vidstream.streaming import FullSequenceAttention, StreamingDiT
 from vidstream.streaming.model import PRESETS, sinusoidal_embedding
 

@@ -312,6 +312,33 @@ def test_no_blocks_and_k_zero(backend, device):
     assert s.shape == (0,)
 
 
+_EVERY_BACKEND = [pytest.param("reference", "cpu", id="reference-cpu"),
+                  pytest.param("torch", "cpu", id="torch-cpu")] + backend_device_pairs()
+
+
+@pytest.mark.parametrize("backend,device", _EVERY_BACKEND)
+@pytest.mark.parametrize("sums", [False, True], ids=["keys", "key-sums"])
+def test_empty_block_and_empty_batch(backend, device, sums):
+    """An empty block scores 0 ("mean") / -inf ("max") even where a sampled query is NaN; with
+    batch 0 every other block scores NaN (a mean over nothing); the same on every backend."""
+    require(backend, "select_blocks", device, torch.float32)
+    r = torch.tensor([[0, 5], [5, 5], [8, 20], [9, 9]], dtype=torch.int32)
+    empty = torch.tensor([False, True, False, True])
+    for B in (1, 0):
+        q = torch.randn(B, 4, 2, 8, device=device)
+        q[:, 0, 0, 0] = float("nan")
+        kp = torch.randn(B, 20, 1, 8, device=device)
+        for score, empty_score in (("mean", 0.0), ("max", float("-inf"))):
+            kw = dict(query_stride=1, heads=[0], score=score)
+            if sums:
+                kw["block_key_sums"] = selection.block_key_sums(kp, r)
+            s = run(backend, selection.block_scores, q, kp, r, **kw).cpu()
+            assert (s[empty] == empty_score).all(), (B, score, s)
+            assert s[~empty].isnan().all(), (B, score, s)  # the NaN query (B=1), no terms (B=0)
+            idx = run(backend, vidstream.select_blocks, q, kp, r, 3, **kw).cpu()
+            assert idx.tolist() == [0, 1, 2], (B, score, idx)  # NaN ranks first, ties by index
+
+
 _AOT = r"""
 import sys
 import triton

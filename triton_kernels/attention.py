@@ -37,11 +37,18 @@ def _configs():
     if _INTERPRET:  # every config would run under the interpreter: one small one
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     # Hopper/Ampere: 128 x 64-128 tiles, 8 warps for head dim 128; a 64-row option for short Lq.
-    return [
+    configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
                              (128, 32, 4, 4), (64, 128, 4, 2)]
     ]
+    # VIDSTREAM_TRITON_AUTOTUNE=first: the first config alone, no autotuning (bench/gpu_check.sh,
+    # where compiling and timing every config would not fit the device time). Read once, when
+    # this module is imported.
+    mode = os.environ.get("VIDSTREAM_TRITON_AUTOTUNE", "all")
+    if mode not in ("all", "first"):
+        raise ValueError(f"VIDSTREAM_TRITON_AUTOTUNE must be 'all' or 'first', got {mode!r}")
+    return configs[:1] if mode == "first" else configs
 
 
 @triton.jit

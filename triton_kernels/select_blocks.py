@@ -133,10 +133,12 @@ def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: to
     idx = torch.empty(min(k, M), dtype=torch.int64, device=dev)
     if M == 0:
         return scores, idx
-    if B == 0:  # s_m is a mean over no (batch, head, query) terms: NaN, as in the reference
-        scores.fill_(float("nan"))
-        torch.arange(min(k, M), out=idx)
-        return scores, idx
+    if B == 0:  # a mean over no (batch, head, query) terms: NaN; an empty block keeps 0 / -inf
+        r = block_ranges.to(dev)
+        empty = 0.0 if score == "mean" else float("-inf")
+        scores = torch.where(r[:, 1] > r[:, 0], float("nan"), empty).to(torch.float32)
+        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        return scores, torch.sort(order).values
     if q.stride(3) != 1:
         q = q.contiguous()
     if k_pool.stride(3) != 1:

@@ -1,22 +1,23 @@
 """vidstream: fused kernels and a bounded KV cache for streaming video diffusion transformers.
 
 The ops follow the contract in docs/spec.md. Each has a ``reference`` (eager PyTorch) backend
-and, where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()``
-and ``vidstream.use_backend``. The streaming layer (cache, model, generator) is in
-``vidstream.streaming``; its main classes are also importable from here."""
+and, where written, ``cpu`` (C++), ``triton`` and ``cuda`` kernels; see ``vidstream.backends()``,
+``vidstream.default_backends()`` and ``vidstream.use_backend``. The streaming layer (cache, model,
+generator) is in ``vidstream.streaming``; its main classes are also importable from here."""
 
 from __future__ import annotations
 
 import importlib
 
 from . import _compat, _extension, reference
-from .backend import backend_for, backends, use_backend
+from .backend import backend_for, backends, default_backends, use_backend
 from .ops.attention import cached_attention, chunk_attention
 from .ops.lowrank import lowrank_cached_attention, lowrank_decompress
 from .ops.metadata import FrameSlots, TokenRanges
 from .ops.rope3d import rope3d, rope3d_shift_, rope3d_store_
 from .ops.select_blocks import select_blocks
 
+# The one place the version is written: pyproject.toml reads it ([tool.setuptools.dynamic]).
 __version__ = "0.1.0"
 
 # The streaming layer is imported on first use: the ops alone do not pay for the model code.
@@ -53,6 +54,7 @@ __all__ = [
     "backends",
     "cached_attention",
     "chunk_attention",
+    "default_backends",
     "lowrank_cached_attention",
     "lowrank_decompress",
     "reference",

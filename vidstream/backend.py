@@ -5,8 +5,10 @@ A *backend* is a family of implementations: ``reference`` (eager PyTorch, the or
 ops: SDPA, matmuls, index ops; any device, and float64 as well as float32/float16/bfloat16).
 torch's dispatcher picks the device kernel of a C++ op; this registry picks among backends. On
 CPU tensors the default is the C++ kernel (the reference for float64 or without ``vidstream._C``).
-On CUDA tensors it is the first of ``cuda``, ``triton`` validated on a GPU for that op, else
-``torch``: the reference (materialised scores and masks) is never a CUDA default.
+On CUDA tensors it is the first of ``cuda``, ``triton`` that the record ``vidstream/validated.json``
+validates for that op, dtype and GPU architecture with the sources running here
+(``vidstream.validation``), else ``torch``: the reference (materialised scores and masks) is never
+a CUDA default. ``default_backends()`` says which backend each op gets, and why.
 Override with ``VIDSTREAM_BACKEND=<name>`` or ``with vidstream.use_backend("<name>"):``; the
 override is local to the thread / asyncio task (a ``contextvars`` variable), so two generators in
 two threads never see each other's choice.
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -35,6 +38,26 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+_log = logging.getLogger("vidstream")
+_logged: set[tuple] = set()  # (op, device type, dtype, backend) already logged
+
+
+def _logging() -> bool:
+    """Whether to log backend choices: at debug level, and not while torch.compile traces (the
+    logging module is one it will not trace; the graph keeps the choice made when tracing)."""
+    return not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG)
+
+
+def _log_choice(op_name: str, x: torch.Tensor, backend: str, how: str) -> None:
+    """Debug-log the backend ``op_name`` resolved to, once per op, device type, dtype and backend."""
+    key = (op_name, x.device.type, x.dtype, backend)
+    if key not in _logged:
+        _logged.add(key)
+        _log.debug("vidstream.%s on %s %s tensors runs on the %s backend (%s)", op_name,
+                   x.device.type, str(x.dtype).removeprefix("torch."), backend,
+                   "forced by use_backend / VIDSTREAM_BACKEND" if how == "forced" else "the default")
+
+
 _env_backend = os.environ.get("VIDSTREAM_BACKEND") or None
 if _env_backend is not None:
     _check_name(_env_backend, "VIDSTREAM_BACKEND")
@@ -46,7 +69,44 @@ _forced: contextvars.ContextVar[tuple] = contextvars.ContextVar("vidstream_backe
 @dataclass(frozen=True)
 class Implementation:
     fn: Callable
-    gpu_validated: bool  # has passed the test suite on a real GPU
+    # None where the kernel serves every input its backend takes, else a function of the first
+    # tensor argument giving why it does not serve it (None when it does): a default never picks
+    # a kernel that would refuse the input, and a forced one says why before it runs.
+    serves: Callable | None = None
+
+    def refuses(self, x) -> str | None:
+        return None if self.serves is None or not isinstance(x, torch.Tensor) else self.serves(x)
+
+
+# Hashing sources on every op call would cost more than the op: one lookup per process and key.
+_validated_cache: dict[tuple, bool] = {}
+_arch_cache: dict[torch.device, str | None] = {}
+
+
+def validated(op_name: str, backend_name: str, dtype: torch.dtype, arch: str | None) -> bool:
+    """Whether the record validates ``backend_name``'s ``op_name`` for ``dtype`` on ``arch`` (an
+    ``sm_XY``; None: unknown, nothing validated) with the sources running here."""
+    key = (op_name, backend_name, dtype, arch)
+    if key not in _validated_cache:
+        from . import validation  # not at import: `python -m vidstream.validation` runs it as main
+
+        _validated_cache[key] = validation.is_validated(op_name, backend_name, dtype, arch)
+    return _validated_cache[key]
+
+
+def device_arch(device: torch.device) -> str | None:
+    """``sm_XY`` of a CUDA device, None where there is none."""
+    if device not in _arch_cache:
+        from . import validation
+
+        _arch_cache[device] = validation.arch_of(device)
+    return _arch_cache[device]
+
+
+# torch.compile calls these once when tracing and keeps the result (see forced() below).
+validated._dynamo_marked_constant = True
+device_arch._dynamo_marked_constant = True
+_CUDA = torch.device("cuda")
 
 
 class Op:
@@ -56,8 +116,8 @@ class Op:
         self.name = name
         self.impls: dict[str, Implementation] = {}
 
-    def register(self, backend: str, fn: Callable, *, gpu_validated: bool = False) -> Callable:
-        self.impls[_check_name(backend, "register")] = Implementation(fn, gpu_validated)
+    def register(self, backend: str, fn: Callable, *, serves: Callable | None = None) -> Callable:
+        self.impls[_check_name(backend, "register")] = Implementation(fn, serves)
         return fn
 
     def impl(self, backend: str) -> Callable:
@@ -72,14 +132,19 @@ class Op:
         available ones where the forced backend cannot."""
         chosen = forced()
         if chosen is None:
-            return self.default_name(x)
-        why = "it has no kernel for this op" if chosen not in self.impls else usable(
-            chosen, self.name, x.device, x.dtype)
+            name = self.default_name(x)
+            if _logging():
+                _log_choice(self.name, x, name, "default")
+            return name
+        why = "it has no kernel for this op" if chosen not in self.impls else (
+            usable(chosen, self.name, x.device, x.dtype) or self.impls[chosen].refuses(x))
         if why is not None:
             avail = ", ".join(self.available(x.device, x.dtype))
             raise ValueError(
                 f"backend {chosen!r} cannot run vidstream.{self.name} on {x.dtype} {x.device.type} "
                 f"tensors: {why}. Available for these inputs: {avail}")
+        if _logging():
+            _log_choice(self.name, x, chosen, "forced")
         return chosen
 
     def resolve(self, x: torch.Tensor) -> Callable:
@@ -88,17 +153,70 @@ class Op:
     def default_name(self, x: torch.Tensor) -> str:
         """The backend the defaults pick for inputs like ``x``, whatever is forced."""
         if x.device.type == "cuda":
-            for name in _GPU_PREFERENCE:
-                impl = self.impls.get(name)
-                if impl is not None and impl.gpu_validated and usable(
-                        name, self.name, x.device, x.dtype) is None:
-                    return name
-            if "torch" in self.impls and usable("torch", self.name, x.device, x.dtype) is None:
-                return "torch"
-            return "reference"
+            return self.gpu_default(x.dtype, device_arch(x.device), x.device, x)
         if "cpu" in self.impls and usable("cpu", self.name, x.device, x.dtype) is None:
             return "cpu"
         return "reference"
+
+    def gpu_default(self, dtype: torch.dtype, arch: str | None, device: torch.device = _CUDA,
+                    x=None) -> str:
+        """The default for CUDA tensors of ``dtype`` on a GPU of ``arch`` (and, given the input
+        ``x``, a kernel that serves it)."""
+        for name in _GPU_PREFERENCE:
+            if name in self.impls and validated(self.name, name, dtype, arch) and usable(
+                    name, self.name, device, dtype) is None and self.impls[name].refuses(x) is None:
+                return name
+        if "torch" in self.impls and usable("torch", self.name, device, dtype) is None:
+            return "torch"
+        return "reference"
+
+    def explain_default(self, device: torch.device, dtype: torch.dtype) -> Default:
+        """The default for tensors of this device and dtype, and why."""
+        if device.type == "cuda":
+            return self._explain_gpu_default(device, dtype)
+        name = self.default_name(_Like(device, dtype))
+        if name == "cpu":
+            return Default(name, "the C++ kernel")
+        why = usable("cpu", self.name, device, dtype) if "cpu" in self.impls else "no cpu kernel"
+        return Default(name, f"the cpu backend cannot: {why}")
+
+    def _explain_gpu_default(self, device: torch.device, dtype: torch.dtype) -> Default:
+        from . import validation
+
+        arch = device_arch(device)
+        name = self.gpu_default(dtype, arch, device)
+        if name in _GPU_PREFERENCE:
+            return Default(name, validation.explain(self.name, name, dtype, arch))
+        kernels = [g for g in _GPU_PREFERENCE if g in self.impls]
+        if arch is None:
+            why = f"no CUDA device here, so no {'/'.join(kernels)} kernel counts as validated"
+        else:
+            notes = [f"{g}: validated, but cannot run here: {usable(g, self.name, device, dtype)}"
+                     if validated(self.name, g, dtype, arch)
+                     else f"{g}: {validation.explain(self.name, g, dtype, arch)}" for g in kernels]
+            why = (f"no {'/'.join(kernels)} kernel validated on {arch} for "
+                   f"{validation.dtype_name(dtype)} ({'; '.join(notes)})")
+        if name == "reference":
+            why += f"; torch: {usable('torch', self.name, device, dtype) or 'not registered'}"
+        return Default(name, why)
+
+
+class Default(NamedTuple):
+    """The backend an op gets by default, and why (``str()``: ``"backend: why"``)."""
+
+    backend: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.why}"
+
+
+@dataclass(frozen=True)
+class _Like:
+    """What ``default_name`` reads of a tensor."""
+
+    device: torch.device
+    dtype: torch.dtype
 
 
 _ops: dict[str, Op] = {}
@@ -179,6 +297,14 @@ def usable(backend: str, op_name: str, device: torch.device, dtype: torch.dtype)
 def backend_for(op_name: str, x: torch.Tensor) -> str:
     """The name of the backend that runs ``op_name`` on inputs like ``x`` (for reports and tests)."""
     return _ops[op_name].resolve_name(x)
+
+
+def default_backends(device: str | torch.device = "cuda",
+                     dtype: torch.dtype = torch.float16) -> dict[str, Default]:
+    """Per op, the backend tensors of ``device`` and ``dtype`` get by default, and why. Works
+    without CUDA: then it says what a CUDA tensor would get (no architecture, nothing validated)."""
+    device = torch.device(device)
+    return {name: o.explain_default(device, dtype) for name, o in _ops.items()}
 
 
 def backends(device: str | torch.device | None = None) -> list[str]:

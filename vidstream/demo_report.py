@@ -1,5 +1,6 @@
-"""What ``vidstream demo`` shows and writes: the header line, a progress bar, the summary table,
-DIR/demo.json and DIR/demo.png (ms per chunk and cache memory against frame index)."""
+"""What ``vidstream demo`` shows and writes: the header line, the progress on stderr (a tqdm bar,
+or a plain counter without tqdm), the summary table, DIR/demo.json and DIR/demo.png (ms per chunk
+and cache memory against frame index; without matplotlib a one-line hint instead)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import os
 import platform
 import sys
+import time
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .streaming.runner import StreamRun
+from .streaming.runner import ChunkRecord, StreamRun, peak_rss_bytes
 
 PROBED_OPS = ("rope3d_store_", "rope3d_shift_", "cached_attention", "select_blocks")
 
@@ -28,53 +31,120 @@ def header(args, model) -> str:
             f"device {args.device}, {args.dtype}; kernels: {kernels}")
 
 
+OnChunk = Callable[[ChunkRecord, float], None]
+
+
 @contextlib.contextmanager
-def progress(label: str, frames: int):
-    """Yields an ``on_chunk`` callback for ``run_stream`` that drives a tqdm bar (nothing
-    without tqdm)."""
+def progress(label: str, frames: int, seen: Optional[list] = None) -> Iterator[OnChunk]:
+    """Yields an ``on_chunk`` callback for ``run_stream`` that shows the progress on stderr (a
+    tqdm bar, or a plain counter without tqdm) and appends each ``ChunkRecord`` to ``seen``
+    (what a Ctrl-C leaves)."""
+    seen = [] if seen is None else seen
+    # Redirected to a log (CI), a display redrawn ten times a second would flood it.
+    interval = 0.1 if sys.stderr.isatty() else 10.0
     try:
         from tqdm import tqdm
     except ImportError:
-        yield None
-        return
-    # Redirected to a log (CI), a bar redrawn ten times a second would flood it.
-    bar = tqdm(total=frames, desc=label, unit="frame", dynamic_ncols=True, file=sys.stdout,
-               mininterval=0.1 if sys.stdout.isatty() else 10.0)
-    done = [0]
+        tqdm = None
+    if tqdm is None:
+        show = _Counter(label, frames, interval)
+        close = show.close
+    else:
+        # One rate, tqdm's own (frame/s); the postfix adds the cache size.
+        bar = tqdm(total=frames, desc=label, unit="frame", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=interval)
 
-    def on_chunk(record, elapsed):
-        bar.update(record.frame - done[0])
-        done[0] = record.frame
-        bar.set_postfix_str(f"{record.frame / elapsed:.1f} frames/s, cache "
-                            f"{record.cache_bytes / 2**20:.2f} MiB",
-                            refresh=False)  # the bar redraws at its own interval
+        def show(record, elapsed):
+            bar.update(record.frame - bar.n)
+            bar.set_postfix_str(f"cache {record.cache_bytes / 2**20:.2f} MiB",
+                                refresh=False)  # the bar redraws at its own interval
+
+        close = bar.close
+
+    def on_chunk(record: ChunkRecord, elapsed: float):
+        seen.append(record)
+        show(record, elapsed)
 
     try:
         yield on_chunk
     finally:
-        bar.close()
+        close()
 
 
-def device_name(device) -> str:
+class _Counter:
+    """The progress without tqdm: ``label: done/total frames, rate, cache`` on stderr, redrawn in
+    place on a terminal, else a line every ``interval`` seconds, and a last line at the end."""
+
+    def __init__(self, label: str, frames: int, interval: float):
+        self.label, self.frames, self.interval = label, frames, interval
+        self.tty = sys.stderr.isatty()
+        self.last_shown = None
+        self.line = ""
+        self.shown_line = ""
+
+    def __call__(self, record: ChunkRecord, elapsed: float):
+        rate = record.frame / elapsed if elapsed > 0 else 0.0
+        self.line = (f"{self.label}: {record.frame}/{self.frames} frames, {rate:.1f} frames/s, "
+                     f"cache {record.cache_bytes / 2**20:.2f} MiB")
+        now = time.monotonic()
+        if self.last_shown is None or now - self.last_shown >= self.interval:
+            self._show()
+            self.last_shown = now
+
+    def _show(self):
+        sys.stderr.write(f"\r{self.line}" if self.tty else f"{self.line}\n")
+        sys.stderr.flush()
+        self.shown_line = self.line
+
+    def close(self):
+        if self.line and self.line != self.shown_line:
+            self._show()
+        if self.tty and self.line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def partial_run(records: list, device) -> StreamRun:
+    """The ``StreamRun`` of the chunks ``records`` a Ctrl-C left (no chunks, no RoPE position)."""
+    device = torch.device(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    frames = records[-1].frame if records else 0
+    seconds = sum(r.ms for r in records) / 1e3
+    return StreamRun(frames=frames, seconds=seconds, rows=list(records),
+                     cache_bytes=records[-1].cache_bytes if records else 0, max_position=None,
+                     peak_memory_bytes=peak)
+
+
+def device_name(device: str | torch.device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"
 
 
-def summary(args, label: str, fused: StreamRun, eager: StreamRun | None) -> dict:
-    """The demo.json record (its keys are documented in the README)."""
-    max_diff = None
-    if eager is not None:
-        max_diff = max(float((a - b).abs().max()) for a, b in zip(fused.chunks, eager.chunks))
+def _fps(run: Optional[StreamRun]) -> Optional[float]:
+    return run.fps if run is not None and run.seconds > 0 else None
+
+
+def summary(args, label: str, fused: StreamRun, eager: Optional[StreamRun],
+            interrupted: bool = False) -> dict:
+    """The demo.json record (its keys are documented in the README). ``interrupted``: a Ctrl-C
+    stopped the run; ``frames_done`` says how far the bounded run got (and
+    ``frames_done_eager`` the eager one), and what was not measured is None."""
+    diffs = [float((a - b).abs().max()) for a, b in zip(fused.chunks, eager.chunks)] if (
+        eager is not None) else []
+    fps, fps_eager = _fps(fused), _fps(eager)
     return {
         "frames": args.frames,
-        "fps": fused.fps,
-        "fps_eager": eager.fps if eager else None,
-        "speedup": fused.fps / eager.fps if eager else None,
+        "interrupted": interrupted,
+        "frames_done": fused.frames,
+        "frames_done_eager": eager.frames if eager else None,
+        "fps": fps,
+        "fps_eager": fps_eager,
+        "speedup": fps / fps_eager if fps and fps_eager else None,
         "peak_memory_bytes": fused.peak_memory_bytes,
         "cache_bytes": fused.cache_bytes,
         "cache_bytes_eager_final": eager.cache_bytes if eager else None,
-        "max_abs_diff": max_diff,
+        "max_abs_diff": max(diffs) if diffs else None,
         "max_rope_position": fused.max_position,
         "device": str(args.device),
         "device_name": device_name(args.device),
@@ -95,7 +165,7 @@ def _fmt_bytes(n):
     return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
 
-def print_table(result: dict):
+def print_table(result: dict) -> None:
     eager = result["fps_eager"] is not None
     on_gpu = torch.device(result["device"]).type == "cuda"
     rows = [("frames", str(result["frames"])),
@@ -114,15 +184,31 @@ def print_table(result: dict):
         print(f"  {k.ljust(w)}  {v}")
 
 
-def write(out_dir: str, result: dict, fused: StreamRun, eager: StreamRun | None):
-    """DIR/demo.json and DIR/demo.png."""
+MATPLOTLIB_HINT = ("vidstream demo: matplotlib is not installed, so no demo.png (the JSON has the "
+                   "same figures): pip install matplotlib")
+
+
+def write(out_dir: str, result: dict, fused: StreamRun, eager: Optional[StreamRun], *,
+          quiet: bool = False) -> list[str]:
+    """DIR/demo.json, then DIR/demo.png (without matplotlib: a one-line hint on stderr instead).
+    Returns the paths written; says so on stdout unless ``quiet``."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, png_path = os.path.join(out_dir, "demo.json"), os.path.join(out_dir, "demo.png")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2)
-    plot(png_path, fused, eager, f"vidstream demo: {result['preset']}, {result['frames']} latent frames, "
-                                 f"{result['device_name']}")
-    print(f"\nwrote {json_path} and {png_path}")
+    written = [json_path]
+    if fused.rows:
+        try:
+            plot(png_path, fused, eager, f"vidstream demo: {result['preset']}, {result['frames']} "
+                                         f"latent frames, {result['device_name']}")
+            written.append(png_path)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] != "matplotlib":
+                raise
+            print(MATPLOTLIB_HINT, file=sys.stderr)
+    if not quiet:
+        print(f"\nwrote {' and '.join(written)}")
+    return written
 
 
 def _rolling_median(xs, n):
@@ -134,7 +220,7 @@ def _rolling_median(xs, n):
     return out
 
 
-def plot(path: str, fused: StreamRun, eager: StreamRun | None, title: str):
+def plot(path: str, fused: StreamRun, eager: Optional[StreamRun], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -34,7 +34,13 @@ def implementation(op: str, backend_name: str) -> Callable:
     return backend.op(op).impl(backend_name)
 
 
-def gpu_validated(op: str, backend_name: str) -> bool:
-    """Whether ``backend_name``'s kernel for ``op`` has passed the suite on a real GPU."""
-    impl = backend.op(op).impls.get(backend_name)
-    return impl is not None and impl.gpu_validated
+def gpu_validated(op: str, backend_name: str, dtype: torch.dtype | str | None = None,
+                  arch: str | None = None) -> bool:
+    """Whether the record ``vidstream/validated.json`` validates ``backend_name``'s kernel for
+    ``op`` with the sources running here: for ``dtype`` (None: any) on ``arch`` (``sm_XY``; None:
+    this machine's GPU, so always False without one)."""
+    from . import validation
+
+    arch = arch or backend.device_arch(torch.device("cuda"))
+    dtypes = validation.DTYPES if dtype is None else (validation.dtype_name(dtype),)
+    return any(validation.is_validated(op, backend_name, d, arch) for d in dtypes)

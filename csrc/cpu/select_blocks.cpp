@@ -126,9 +126,9 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
       std::vector<double> ksum(U * D);
       std::vector<float> tmp(D);
       for (int64_t m = begin; m < end; ++m) {
-        if (sp == nullptr && ranges[m].second == ranges[m].first) {
-          // A sum over no (query, key) pair: 0, as eager sums it, even where a sampled query
-          // holds a NaN (the factorised form would give NaN . 0 = NaN).
+        if (ranges[m].second == ranges[m].first) {
+          // A sum over no (query, key) pair: 0, even where a sampled query holds a NaN (the
+          // factorised form would give NaN . 0 = NaN); given key sums are not read for it.
           out[m] = 0.f;
           continue;
         }

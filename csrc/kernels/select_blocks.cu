@@ -189,10 +189,9 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
     }
   }
   if (threadIdx.x == 0) {
-    // "mean" over an empty block sums no (query, key) pair: 0, as eager sums it, even where a
-    // sampled query holds a NaN (the factorised form would give NaN . 0). Cached key sums are
-    // the definition's own factorised form and keep their product.
-    if (p.mean && !use_sums && span.end == span.start) total = 0.0;
+    // "mean" over an empty block sums no (query, key) pair: 0, even where a sampled query
+    // holds a NaN (the factorised form would give NaN . 0); given key sums are not read for it.
+    if (p.mean && span.end == span.start) total = 0.0;
     p.scores[m] = static_cast<float>(total * p.norm);
     __threadfence();
     is_last = atomicAdd(p.counter, 1u) == static_cast<unsigned>(p.num_blocks - 1);

@@ -9,11 +9,20 @@ the C++ ops always return ``(out, lse)`` and the public functions drop ``lse`` w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, Union, overload
+
 import torch
+from torch import Tensor
 
 from .. import _extension, backend
 from . import checks
 from .metadata import TokenRanges
+
+# What an attention op returns: ``out``, or ``(out, lse)`` when ``return_lse=True``.
+AttentionResult = Union[Tensor, tuple[Tensor, Tensor]]
+# Token ranges [R, 2]: an int tensor, (start, end) pairs, or prepared TokenRanges.
+RangesLike = Union[Tensor, Sequence, TokenRanges]
 
 CHUNK_ATTENTION = backend.op("chunk_attention")
 CACHED_ATTENTION = backend.op("cached_attention")
@@ -22,24 +31,97 @@ CACHED_ATTENTION = backend.op("cached_attention")
 # ----------------------------------------------------------------------------- public ops
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frame_tokens: int,
-                    chunk_frames: int, sink_frames: int = 0, window_frames: int | None = None,
-                    scale: float | None = None, return_lse: bool = False):
-    """Full-sequence chunk-causal sink + window attention (docs/spec.md §1). ``q`` [B, L, H, D],
-    ``k`` [B, L, H_kv, D], ``v`` [B, L, H_kv, Dv]; returns ``out`` [B, L, H, Dv] and, with
-    ``return_lse``, the float32 log-sum-exp [B, H, L]."""
+@overload
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk_frames: int,
+                    sink_frames: int = ..., window_frames: int | None = ...,
+                    scale: float | None = ..., return_lse: Literal[False] = ...) -> Tensor: ...
+@overload
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk_frames: int,
+                    sink_frames: int = ..., window_frames: int | None = ...,
+                    scale: float | None = ..., return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk_frames: int,
+                    sink_frames: int = ..., window_frames: int | None = ...,
+                    scale: float | None = ..., return_lse: bool = ...) -> AttentionResult: ...
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk_frames: int,
+                    sink_frames: int = 0, window_frames: int | None = None,
+                    scale: float | None = None, return_lse: bool = False) -> AttentionResult:
+    """Chunk-causal attention with an attention sink and a sliding window, over a whole sequence.
+
+    The ``L`` tokens are frames of ``frame_tokens`` tokens (frame-major: a frame's tokens are
+    consecutive), grouped into chunks of ``chunk_frames`` frames (the last may be partial). A
+    query attends every key of its own chunk and of earlier chunks (bidirectional inside a chunk,
+    causal across chunks), except that with ``window_frames`` an earlier key is kept only if it is
+    in the first ``sink_frames`` frames (the sink) or within ``window_frames`` frames of the end
+    of the query's chunk (Self-Forcing's ``local_attn_size``; LongLive uses window 12, sink 3).
+
+    Args:
+        q: queries ``[B, L, H, D]`` (tokens before heads, like flash-attn; from SDPA's
+            ``[B, H, L, D]`` pass ``q.transpose(1, 2)``).
+        k: keys ``[B, L, H_kv, D]``; ``H`` must be a multiple of ``H_kv`` (grouped heads: query
+            head ``h`` reads kv head ``h // (H // H_kv)``).
+        v: values ``[B, L, H_kv, Dv]``.
+        frame_tokens: tokens per frame (``h * w`` of the latent grid); ``L`` must be a multiple.
+        chunk_frames: frames per chunk (>= 1).
+        sink_frames: leading frames every query may see (>= 0).
+        window_frames: None (all earlier chunks) or an int >= ``chunk_frames``.
+        scale: softmax scale; default ``D ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp of the scores.
+
+    Returns:
+        ``out [B, L, H, Dv]`` in q's dtype; with ``return_lse`` the pair ``(out, lse)``, ``lse``
+        float32 ``[B, H, L]``.
+
+    Raises ``ValueError`` naming the argument for any input outside these rules (``TypeError``,
+    also a ``ValueError``, for a wrong kind of argument). Inputs: float32, float16, bfloat16
+    (float64 on the reference backend); any strides. The exact definition, with a worked example
+    of the mask: docs/spec.md §1 (``vidstream.reference.chunk_mask`` builds the mask)."""
     mask = _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
     scale = checks.scale_value(scale, q.shape[3])
     q, k, v = (checks.rows_contiguous(t) for t in (q, k, v))
     return CHUNK_ATTENTION.resolve(q)(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
-def cached_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv_ranges, *,
-                     scale: float | None = None, return_lse: bool = False):
-    """One chunk's queries ``q`` [B, Lq, H, D] against the union of the token ranges
-    ``kv_ranges`` [R, 2] (int tensor, pairs, or prepared ``TokenRanges``) of a pool ``k_pool``
-    [B, P, H_kv, D], ``v_pool`` [B, P, H_kv, Dv] (docs/spec.md §2). An empty union gives zeros
-    and ``lse = -inf``."""
+@overload
+def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     scale: float | None = ..., return_lse: Literal[False] = ...) -> Tensor: ...
+@overload
+def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     scale: float | None = ...,
+                     return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     scale: float | None = ..., return_lse: bool = ...) -> AttentionResult: ...
+
+
+def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     scale: float | None = None, return_lse: bool = False) -> AttentionResult:
+    """One chunk's queries against the union of token ranges of a preallocated K/V pool.
+
+    Every query attends every key whose pool index lies in one of the half-open ranges
+    ``[start, end)`` of ``kv_ranges`` (no mask among them: the caller decides what the ranges
+    hold, e.g. a sink, a ring-buffer window that wraps as two ranges, compressed mid blocks and
+    the current chunk's slot).
+
+    Args:
+        q: queries ``[B, Lq, H, D]`` (tokens before heads; from ``[B, H, Lq, D]`` pass
+            ``q.transpose(1, 2)``).
+        k_pool: keys ``[B, P, H_kv, D]``, ``P`` the pool's capacity; ``H`` a multiple of ``H_kv``.
+        v_pool: values ``[B, P, H_kv, Dv]``.
+        kv_ranges: ``[R, 2]`` token ranges as an int tensor, a list of ``(start, end)`` pairs or
+            prepared ``vidstream.TokenRanges`` (trusted, not read back to the host: for CUDA
+            graphs). In bounds, pairwise disjoint, any order; empty ranges allowed.
+        scale: softmax scale; default ``D ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp of the scores.
+
+    Returns:
+        ``out [B, Lq, H, Dv]``; with ``return_lse`` ``(out, lse)``, ``lse`` float32
+        ``[B, H, Lq]``. An empty union gives zeros and ``lse = -inf``.
+
+    Raises ``ValueError`` naming the argument for inputs outside these rules. The definition and
+    an example of the bounded cache's ranges: docs/spec.md §2."""
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
     scale = checks.scale_value(scale, q.shape[3])
     q, k_pool, v_pool = (checks.rows_contiguous(t) for t in (q, k_pool, v_pool))
@@ -49,7 +131,7 @@ def cached_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 # ----------------------------------------------------------------------------- input checks
 
 
-def check_qkv(q, k, v, k_name="k", v_name="v"):
+def check_qkv(q, k, v, k_name="k", v_name="v") -> None:
     """q [B, L, H, D], k [B, L, H_kv, D], v [B, L, H_kv, Dv]: the attention ops' shared rules."""
     checks.tensor(q, "q", 4, "[B, L, H, D]")
     checks.tensor(k, k_name, 4, "[B, L, H_kv, D]")
@@ -69,6 +151,7 @@ def check_qkv(q, k, v, k_name="k", v_name="v"):
     checks.gqa(q.shape[2], k.shape[2], k_name)
 
 
+@checks.layout_hint(q="[B, L, H, D]", k="[B, L, H_kv, D]", v="[B, L, H_kv, Dv]")
 def _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames):
     """Returns (chunk_frames, sink_frames, window_frames) bounded by the sequence: the same mask,
     with no product a kernel forms able to overflow."""
@@ -88,7 +171,8 @@ def _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, win
     return bounded_mask_params(q.shape[1] // frame_tokens, chunk_frames, sink_frames, window_frames)
 
 
-def bounded_mask_params(frames: int, chunk_frames: int, sink_frames: int, window_frames):
+def bounded_mask_params(frames: int, chunk_frames: int, sink_frames: int,
+                        window_frames: int | None) -> tuple[int, int, int | None]:
     """Equivalent mask parameters no larger than the sequence (``frames`` frames): a chunk of at
     least ``frames`` frames is one chunk; a sink of at least ``frames`` holds every frame; a
     window reaches back from a chunk end, which is below ``2 * frames``, so any longer window
@@ -99,6 +183,7 @@ def bounded_mask_params(frames: int, chunk_frames: int, sink_frames: int, window
     return chunk, min(sink_frames, n), window
 
 
+@checks.layout_hint(q="[B, Lq, H, D]", k_pool="[B, P, H_kv, D]", v_pool="[B, P, H_kv, Dv]")
 def _check_cached_attention(q, k_pool, v_pool, kv_ranges) -> TokenRanges:
     check_qkv(q, k_pool, v_pool, "k_pool", "v_pool")
     return checks.ranges(kv_ranges, k_pool.shape[1], "kv_ranges", q.device)
@@ -125,7 +210,7 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[2], dim=2) if t.shape[2] != heads else t
 
 
-def dense_attention(q, k, v, scale, return_lse, keep=None):
+def dense_attention(q, k, v, scale, return_lse, keep=None) -> AttentionResult:
     """Eager attention of every query over the keys ``keep`` selects (bool [Lk], None: all):
     q [B, Lq, H, D], k [B, Lk, H_kv, D], v [B, Lk, H_kv, Dv].
 
@@ -156,7 +241,7 @@ def dense_attention(q, k, v, scale, return_lse, keep=None):
     return out
 
 
-def empty_attention(q, dv: int, return_lse: bool):
+def empty_attention(q, dv: int, return_lse: bool) -> AttentionResult:
     """The result of attending nothing: zeros and lse = -inf."""
     B, Lq, H, _ = q.shape
     out = q.new_zeros(B, Lq, H, dv)
@@ -180,7 +265,7 @@ def chunk_key_spans(chunk: int, L: int, frame_tokens: int, chunk_frames: int, si
 
 
 def chunk_attention_eager(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale,
-                          return_lse):
+                          return_lse) -> AttentionResult:
     """Chunk by chunk over exactly the keys each chunk may see: no mask, so nothing outside
     them can reach an output."""
     L = q.shape[1]
@@ -204,20 +289,21 @@ def gather_tokens(pool: torch.Tensor, ranges: TokenRanges) -> torch.Tensor:
     return pool.index_select(1, ranges.token_index(pool.device))
 
 
-def cached_attention_eager(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse):
+def cached_attention_eager(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse) -> AttentionResult:
     keep = ranges.membership(k_pool.shape[1], q.device).any(dim=0)
     return dense_attention(q, k_pool, v_pool, scale, return_lse, keep)
 
 
 def chunk_attention_reference(q, k, v, *, frame_tokens, chunk_frames, sink_frames=0,
-                              window_frames=None, scale=None, return_lse=False):
+                              window_frames=None, scale=None, return_lse=False) -> AttentionResult:
     """``chunk_attention`` computed eagerly, chunk by chunk (the oracle)."""
     mask = _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
     scale = checks.scale_value(scale, q.shape[3])
     return chunk_attention_eager(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
-def cached_attention_reference(q, k_pool, v_pool, kv_ranges, *, scale=None, return_lse=False):
+def cached_attention_reference(q, k_pool, v_pool, kv_ranges, *, scale=None,
+                               return_lse=False) -> AttentionResult:
     """``cached_attention`` computed eagerly (the oracle)."""
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
     scale = checks.scale_value(scale, q.shape[3])
@@ -278,12 +364,38 @@ CHUNK_ATTENTION.register("reference", chunk_attention_eager)
 CACHED_ATTENTION.register("reference", cached_attention_eager)
 CHUNK_ATTENTION.register("cpu", _chunk_attention_native)
 CACHED_ATTENTION.register("cpu", _cached_attention_native)
-# Not yet run on a GPU: opt-in on CUDA tensors (vidstream.use_backend) until bench/gpu_check.sh passes.
-CHUNK_ATTENTION.register("triton", _chunk_attention_triton, gpu_validated=False)
-CACHED_ATTENTION.register("triton", _cached_attention_triton, gpu_validated=False)
+# The CUDA default only where vidstream/validated.json validates them (bench/gpu_check.sh records it).
+CHUNK_ATTENTION.register("triton", _chunk_attention_triton)
+CACHED_ATTENTION.register("triton", _cached_attention_triton)
+def _cuda_serves(q: torch.Tensor) -> str | None:
+    """What the tensor-core kernels serve beyond every kernel (v's head dim is checked with the
+    other arguments: it must equal q's on this backend)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda attention kernels take float16 or bfloat16, got {q.dtype}"
+    if q.dim() == 4 and q.shape[3] not in (64, 128):
+        return f"the cuda attention kernels serve head dims 64 and 128, got q head dim {q.shape[3]}"
+    return None
+
+
 # Hand-written mma.sync kernels (csrc/kernels/attention.cu): float16/bfloat16, head dims 64/128.
-CHUNK_ATTENTION.register("cuda", _chunk_attention_native, gpu_validated=False)
-CACHED_ATTENTION.register("cuda", _cached_attention_native, gpu_validated=False)
+def _same_head_dims(q, v, v_name):
+    if v.shape[3] != q.shape[3]:
+        checks.fail(f"the cuda attention kernels need {v_name}'s head dim equal to q's "
+                    f"({q.shape[3]}), got {v.shape[3]}")
+
+
+def _chunk_attention_cuda(q, k, v, *args):
+    _same_head_dims(q, v, "v")
+    return _chunk_attention_native(q, k, v, *args)
+
+
+def _cached_attention_cuda(q, k_pool, v_pool, *args):
+    _same_head_dims(q, v_pool, "v_pool")
+    return _cached_attention_native(q, k_pool, v_pool, *args)
+
+
+CHUNK_ATTENTION.register("cuda", _chunk_attention_cuda, serves=_cuda_serves)
+CACHED_ATTENTION.register("cuda", _cached_attention_cuda, serves=_cuda_serves)
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -364,7 +476,7 @@ def _sdpa_bhld(q, k, v, scale, need_lse):
     return _sdpa_lse_cuda(q, k, v, scale) if q.device.type == "cuda" else None
 
 
-def sdpa_attention(q, k, v, scale, return_lse):
+def sdpa_attention(q, k, v, scale, return_lse) -> AttentionResult:
     """Every query of q [B, Lq, H, D] over all of k [B, N, H_kv, D], v [B, N, H_kv, Dv] with
     PyTorch's fused attention; out [B, Lq, H, Dv] (and lse float32 [B, H, Lq]). N = 0 gives
     zeros and lse = -inf. The eager formulation serves what no fused kernel takes."""

@@ -6,8 +6,12 @@ memory-safety checks."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 
@@ -22,34 +26,104 @@ class ArgumentTypeError(TypeError, ValueError):
     was before this distinction: ``except ValueError`` keeps catching it."""
 
 
-def fail(msg: str):
+def fail(msg: str) -> NoReturn:
     raise ValueError(msg)
 
 
-def fail_type(msg: str):
+def fail_type(msg: str) -> NoReturn:
     raise ArgumentTypeError(msg)
 
 
-def tensor(t, name: str, ndim: int, dims: str):
+# ----------------------------------------------------------------------------- layout mistakes
+
+_Check = TypeVar("_Check", bound=Callable)
+
+
+def layout_hint(**layouts: str) -> Callable[[_Check], _Check]:
+    """Decorates an op's input check whose tensor arguments ``layouts`` name (``q="[B, L, H, D]"``)
+    so that a rejected call whose arguments would pass with dims 1 and 2 of some of them
+    swapped, the common mistake of passing ``[B, H, L, D]`` tensors (PyTorch SDPA's layout),
+    says so in its ``ValueError``: "q looks like [B, H, L, D]; vidstream takes [B, L, H, D]:
+    pass q.transpose(1, 2)". Runs only when the check has failed; nothing changes otherwise."""
+
+    def decorate(check: _Check) -> _Check:
+        signature = inspect.signature(check)
+
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return check(*args, **kwargs)
+            try:
+                return check(*args, **kwargs)
+            except ArgumentTypeError:
+                raise
+            except ValueError as e:
+                hint = _swapped_layout(check, signature, layouts, args, kwargs)
+                if hint is None:
+                    raise
+                raise ValueError(f"{e}. {hint}") from None
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
+def _swapped_layout(check, signature, layouts, args, kwargs):
+    """The hint naming the ``layouts`` tensors whose dims 1 and 2 swapped make ``check`` pass,
+    or None. Where several sets would, the likeliest: the one after which the most tensors have
+    at least as many tokens as heads, then the smallest."""
+    given = signature.bind(*args, **kwargs).arguments
+
+    def swappable(t) -> bool:  # a 4-D tensor that dims 1 and 2 swapped would change
+        return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] != t.shape[2]
+
+    names = [n for n in layouts if swappable(given.get(n))]
+    best = None
+    for subset in (c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)):
+        trial = {n: t.transpose(1, 2) if n in subset else t for n, t in given.items()}
+        bound = signature.bind(**trial)
+        try:
+            check(*bound.args, **bound.kwargs)
+        except (ValueError, TypeError):
+            continue
+        plausible = sum(trial[n].shape[1] >= trial[n].shape[2] for n in names)
+        if best is None or plausible > best[0]:
+            best = (plausible, subset)
+    if best is None:
+        return None
+    subset = best[1]
+    dims = [d.strip() for d in layouts[subset[0]].strip("[]").split(",")]
+    wrong = "[" + ", ".join([dims[0], dims[2], dims[1], *dims[3:]]) + "]"
+    verb = "looks" if len(subset) == 1 else "look"
+    return (f"{_and(subset)} {verb} like {wrong}; vidstream takes {layouts[subset[0]]}: pass "
+            f"{_and(f'{n}.transpose(1, 2)' for n in subset)}")
+
+
+def _and(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def tensor(t, name: str, ndim: int, dims: str) -> None:
     if not isinstance(t, torch.Tensor):
         fail_type(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")
     if t.dim() != ndim:
         fail(f"{name} must be {ndim}-D {dims}, got shape {tuple(t.shape)}")
 
 
-def floating(t: torch.Tensor, name: str):
+def floating(t: torch.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         fail(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
-def same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):
+def same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.dtype != b.dtype:
         fail(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
     if a.device != b.device:
         fail(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
 
 
-def positive_int(v, name: str, minimum: int = 1):
+def positive_int(v, name: str, minimum: int = 1) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         fail_type(f"{name} must be an int >= {minimum}, got {v!r}")
     if v < minimum:
@@ -58,14 +132,14 @@ def positive_int(v, name: str, minimum: int = 1):
         fail(f"{name} must fit in int64 (<= 2**63 - 1), got {v}")
 
 
-def fits_int64(value: int, what: str):
+def fits_int64(value: int, what: str) -> None:
     """Integer arithmetic a kernel does in int64 must not overflow: checked here, exactly, in
     Python's unbounded ints, before any kernel sees the operands."""
     if value > INT64_MAX:
         fail(f"{what} = {value} overflows int64: use smaller values")
 
 
-def gqa(heads: int, kv_heads: int, kv_name: str):
+def gqa(heads: int, kv_heads: int, kv_name: str) -> None:
     if kv_heads < 1 or heads % kv_heads != 0:
         fail(f"{kv_name} has {kv_heads} heads; the query heads ({heads}) must be a multiple of it")
 
@@ -178,7 +252,7 @@ def positions(p, count: int, name: str, unit: str) -> torch.Tensor:
     return out
 
 
-def grid3(grid, tokens: int):
+def grid3(grid, tokens: int) -> None:
     if not (isinstance(grid, Sequence) and len(grid) == 3 and all(
             isinstance(g, int) and not isinstance(g, bool) for g in grid)):
         fail_type(f"grid must be a tuple of three ints (F, h, w), got {grid!r}")
@@ -188,7 +262,7 @@ def grid3(grid, tokens: int):
     fits_int64(f * h * w if f else h * w, "the grid's token count F*h*w (h*w when F = 0)")
 
 
-def t_theta(tt, heads: int):
+def t_theta(tt, heads: int) -> None:
     if tt is None:
         return
     if not isinstance(tt, torch.Tensor) or tt.dim() != 1 or tt.shape[0] != heads:
@@ -206,7 +280,7 @@ def t_theta(tt, heads: int):
         fail(f"t_theta must be finite and > 0, got {tt.tolist()}")
 
 
-def rope_params(theta, frame_offset=0.0):
+def rope_params(theta, frame_offset=0.0) -> None:
     """theta > 0 and finite; frame_offset finite: either would otherwise give NaN keys."""
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         fail_type(f"theta must be a finite number > 0, got {theta!r}")
@@ -218,7 +292,7 @@ def rope_params(theta, frame_offset=0.0):
         fail(f"frame_offset must be a finite number, got {frame_offset!r}")
 
 
-def rope_input(x, name: str):
+def rope_input(x, name: str) -> None:
     tensor(x, name, 4, "[B, L, H, D]")
     floating(x, name)
     if x.shape[-1] % 2 or x.shape[-1] < 2:
@@ -251,7 +325,7 @@ def self_overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def writable(t: torch.Tensor, name: str):
+def writable(t: torch.Tensor, name: str) -> None:
     """An in-place output: every element written must be its own memory."""
     if self_overlapping(t):
         fail(f"{name} is written in place, so no two of its elements may share memory; got "
@@ -307,7 +381,7 @@ def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isin(addresses(a), addresses(b)).any())
 
 
-def disjoint_outputs(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str):
+def disjoint_outputs(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> None:
     """Two in-place outputs must not share an element."""
     if share_memory(a, b):
         fail(f"{name_a} and {name_b} are both written in place and must not share memory")
@@ -320,7 +394,7 @@ def apart_from(t: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def written_in_place(t: torch.Tensor):
+def written_in_place(t: torch.Tensor) -> Iterator[torch.Tensor]:
     """Where the kernels write ``t``: ``t`` itself when its rows are contiguous, else a
     contiguous copy that is copied back (so any non-overlapping layout is handled, on every
     backend alike)."""

@@ -25,11 +25,21 @@ Kernels: ``csrc/{cpu,cuda}/lowrank.cpp``, ``csrc/kernels/lowrank.*``, ``triton_k
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
+from torch import Tensor
 
 from .. import _extension, backend
 from . import checks
-from .attention import CACHED_ATTENTION, cached_attention_eager, empty_attention, gather_tokens
+from .attention import (
+    CACHED_ATTENTION,
+    AttentionResult,
+    RangesLike,
+    cached_attention_eager,
+    empty_attention,
+    gather_tokens,
+)
 from .metadata import TokenRanges
 
 STRATEGIES = ("decompress", "absorb", "tiled")
@@ -37,23 +47,67 @@ LOWRANK_DECOMPRESS = backend.op("lowrank_decompress")
 LOWRANK_CACHED_ATTENTION = backend.op("lowrank_cached_attention")
 
 
-def lowrank_decompress(c_pool: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, kv_ranges,
-                       k_r_pool: torch.Tensor | None = None):
-    """K [B, N, H, d_nope + d_r] and V [B, N, H, d_v] of the tokens in ``kv_ranges`` (in range
-    order) from the latent pool ``c_pool`` [B, P, d_c] and the shared positional keys
-    ``k_r_pool`` [B, P, d_r]."""
+def lowrank_decompress(c_pool: Tensor, w_uk: Tensor, w_uv: Tensor, kv_ranges: RangesLike,
+                       k_r_pool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Full keys and values of the tokens in ``kv_ranges`` of a low-rank (latent) KV cache.
+
+    The cache keeps per token a latent ``c`` of ``d_c`` values and, optionally, a positional key
+    ``k_r`` of ``d_r`` values, both shared by all heads; head ``h`` reconstructs
+    ``k_h = concat(c @ w_uk[h], k_r)`` and ``v_h = c @ w_uv[h]`` (VideoMLA; build the weights
+    from a dense K/V projection with ``vidstream.LowRankKV.from_dense``).
+
+    Args:
+        c_pool: latents ``[B, P, d_c]``.
+        w_uk: key up-projections ``[H, d_c, d_nope]``.
+        w_uv: value up-projections ``[H, d_c, d_v]``.
+        kv_ranges: ``[R, 2]`` token ranges into the pool (int tensor, pairs or prepared
+            ``TokenRanges``; in bounds, disjoint).
+        k_r_pool: positional keys ``[B, P, d_r]`` (already rotated), or None.
+
+    Returns:
+        ``(k [B, N, H, d_nope + d_r], v [B, N, H, d_v])``, ``N`` the tokens of the ranges, range
+        by range in the order given. Definition: docs/spec.md §4."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     return LOWRANK_DECOMPRESS.resolve(c_pool)(c_pool, w_uk, w_uv, ranges, k_r_pool)
 
 
-def lowrank_cached_attention(q: torch.Tensor, c_pool: torch.Tensor, w_uk: torch.Tensor,
-                             w_uv: torch.Tensor, kv_ranges, *, k_r_pool: torch.Tensor | None = None,
+@overload
+def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
+                             kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             scale: float | None = ..., return_lse: Literal[False] = ...,
+                             strategy: str | None = ...) -> Tensor: ...
+@overload
+def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
+                             kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             scale: float | None = ..., return_lse: Literal[True],
+                             strategy: str | None = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
+                             kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             scale: float | None = ..., return_lse: bool = ...,
+                             strategy: str | None = ...) -> AttentionResult: ...
+
+
+def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
+                             kv_ranges: RangesLike, *, k_r_pool: Tensor | None = None,
                              scale: float | None = None, return_lse: bool = False,
-                             strategy: str | None = None):
-    """``cached_attention`` of ``q`` [B, Lq, H, d_nope + d_r] over the decompressed latent cache;
-    returns ``out`` [B, Lq, H, d_v] (and the float32 ``lse`` [B, H, Lq] with ``return_lse``).
-    ``strategy``: None (choose per shape), ``"decompress"``, ``"absorb"`` or ``"tiled"``; the
-    reference backend ignores it (it is the definition)."""
+                             strategy: str | None = None) -> AttentionResult:
+    """``cached_attention`` over a low-rank (latent) KV cache, without keeping its decompressed
+    keys and values: equal to ``cached_attention(q, *lowrank_decompress(...), [[0, N]])``.
+
+    Args:
+        q: queries ``[B, Lq, H, d_nope + d_r]`` (``B`` of ``c_pool``, ``H`` of ``w_uk``).
+        c_pool, w_uk, w_uv, kv_ranges, k_r_pool: the latent cache, as in ``lowrank_decompress``.
+        scale: softmax scale; default ``(d_nope + d_r) ** -0.5``.
+        return_lse: also return the float32 log-sum-exp ``[B, H, Lq]``.
+        strategy: None (chosen per shape), ``"decompress"`` (once per call, then
+            ``cached_attention``), ``"absorb"`` (``w_uk`` folded into the queries, attention in
+            the latent space) or ``"tiled"`` (decompressed per tile inside the kernel, CPU only);
+            the reference backend ignores it (it is the definition).
+
+    Returns:
+        ``out [B, Lq, H, d_v]``, or ``(out, lse)`` with ``return_lse``; an empty union gives zeros
+        and ``lse = -inf``. Definition: docs/spec.md §4."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     _check_lowrank_query(q, c_pool, w_uk, k_r_pool)
     scale = checks.scale_value(scale, q.shape[3])
@@ -88,6 +142,7 @@ def _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool) -> TokenRanges:
     return checks.ranges(kv_ranges, c_pool.shape[1], "kv_ranges", c_pool.device)
 
 
+@checks.layout_hint(q="[B, Lq, H, d_nope + d_r]")
 def _check_lowrank_query(q, c_pool, w_uk, k_r_pool):
     checks.tensor(q, "q", 4, "[B, Lq, H, d_nope + d_r]")
     checks.same("c_pool", c_pool, "q", q)
@@ -198,13 +253,14 @@ def _decompress_tokens(c, w_uk, w_uv, k_r):
     return k, v
 
 
-def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
+def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges,
+                             k_r_pool) -> tuple[Tensor, Tensor]:
     k_r = None if k_r_pool is None else gather_tokens(k_r_pool, ranges)
     return _decompress_tokens(gather_tokens(c_pool, ranges), w_uk, w_uv, k_r)
 
 
 def lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse,
-                                   strategy=None):
+                                   strategy=None) -> AttentionResult:
     """The definition (any ``strategy`` is the same thing): decompress, then attend. The whole
     pool is decompressed and the ranges select keys by mask, so no token count has to be known on
     the host (it traces under torch.compile)."""
@@ -212,14 +268,15 @@ def lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scal
     return cached_attention_eager(q, k, v, ranges, scale, return_lse)
 
 
-def lowrank_decompress_reference(c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None):
+def lowrank_decompress_reference(c_pool, w_uk, w_uv, kv_ranges,
+                                 k_r_pool=None) -> tuple[Tensor, Tensor]:
     """``lowrank_decompress`` computed eagerly (the oracle)."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     return lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges, k_r_pool)
 
 
 def lowrank_cached_attention_reference(q, c_pool, w_uk, w_uv, kv_ranges, *, k_r_pool=None,
-                                       scale=None, return_lse=False):
+                                       scale=None, return_lse=False) -> AttentionResult:
     """``lowrank_cached_attention`` computed eagerly (the oracle)."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     _check_lowrank_query(q, c_pool, w_uk, k_r_pool)

@@ -29,19 +29,43 @@ ROPE3D_STORE = backend.op("rope3d_store_")
 
 def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
            t_theta: torch.Tensor | None = None) -> torch.Tensor:
-    """Wan2.1 3D rotary embedding of ``x`` [B, L, H, D] whose tokens lie on the frame-major
-    ``grid`` = (F, h, w); token frames are ``frame_offset + t``. ``t_theta`` [H] gives each head
-    its own temporal theta. Returns a new tensor."""
+    """Wan2.1's 3D rotary position embedding (RoPE) of ``x``; returns a new tensor like ``x``.
+
+    Args:
+        x: ``[B, L, H, D]`` queries or keys, ``D`` even (tokens before heads; from
+            ``[B, H, L, D]`` pass ``x.transpose(1, 2)``).
+        grid: ``(F, h, w)``, the frames and the latent grid of one frame, ``F * h * w == L``;
+            tokens are frame-major (frame, then row, then column).
+        frame_offset: the temporal position of the first frame (token ``i`` sits at frame
+            ``frame_offset + i // (h * w)``); any finite number.
+        theta: the RoPE base (10000 for Wan2.1).
+        t_theta: None, or a float tensor ``[H]`` of per-head bases for the temporal channels
+            (LoL's multi-head RoPE jitter).
+
+    The ``D / 2`` adjacent channel pairs are split into a temporal, a height and a width band
+    (for ``D = 128``: 22, 21, 21 pairs) and each pair is rotated by its position times the
+    band's frequency; angles in float64, products in float32. Definition and band table:
+    docs/spec.md §3."""
     _check_rope3d(x, grid, t_theta, theta, frame_offset)
     return ROPE3D.resolve(x)(checks.rows_contiguous(x), tuple(grid), frame_offset, theta, t_theta)
 
 
 def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 10000.0,
                   t_theta: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: multiply the temporal pairs of every token of ``ranges[r]`` by
-    ``exp(i * delta_frames[r] * omega_t)``, moving those keys by ``delta_frames[r]`` frames.
-    Height/width channels and tokens outside the ranges are left untouched. ``ranges``: int
-    [R, 2], pairs, or prepared ``TokenRanges``. Returns ``k_pool``."""
+    """In place: moves the cached keys of each token range by ``delta_frames[r]`` frames in time,
+    without recomputing them (rotations compose: ``rope3d_shift_(rope3d(x, frame_offset=a), ...,
+    [d])`` equals ``rope3d(x, frame_offset=a + d)`` up to rounding). Returns ``k_pool``.
+
+    Args:
+        k_pool: ``[B, P, H, D]`` keys already rotated by ``rope3d``; modified in place.
+        ranges: ``[R, 2]`` token ranges (int tensor, ``(start, end)`` pairs or prepared
+            ``TokenRanges``; in bounds, disjoint).
+        delta_frames: a number for every range, or ``R`` numbers (any finite value, negative
+            too).
+        theta, t_theta: as given to ``rope3d``.
+
+    Only the temporal channels of the tokens in the ranges are written; the height and width
+    channels and every other token stay bit-identical. Definition: docs/spec.md §3."""
     rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
     fn = ROPE3D_SHIFT.resolve(k_pool)
     with checks.written_in_place(k_pool) as pool:
@@ -51,14 +75,24 @@ def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 
 
 def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   frame_slots, frame_pos=None, *, grid, theta: float = 10000.0,
-                  t_theta: torch.Tensor | None = None):
-    """In place: ``k`` [B, L, H_kv, D] on the token ``grid`` (F, h, w), frame ``f`` at temporal
-    position ``frame_pos[f]`` (float, any value), is rotated by the Wan2.1 3D RoPE and written with
-    ``v`` [B, L, H_kv, Dv] to pool tokens ``[frame_slots[f], frame_slots[f] + h*w)`` of ``k_pool``
-    [B, P, H_kv, D] and ``v_pool`` [B, P, H_kv, Dv]. Slots must lie in the pool and not overlap.
+                  t_theta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: a streaming cache's write. Rotates a chunk's keys by the Wan2.1 3D RoPE at the
+    given frame positions and writes them, with the values, into their pool slots in one pass
+    (instead of ``rope3d`` and two index copies). Returns ``(k_pool, v_pool)``.
+
+    Args:
+        k_pool, v_pool: the pools ``[B, P, H_kv, D]`` and ``[B, P, H_kv, Dv]``, written in place.
+        k, v: the chunk ``[B, L, H_kv, D]`` and ``[B, L, H_kv, Dv]`` on the token ``grid``, keys
+            not yet rotated.
+        frame_slots: ``[F]`` pool token where each frame's ``h * w`` tokens go (int tensor or
+            list; in the pool, not overlapping), or prepared ``FrameSlots`` that carry the
+            positions too (then ``frame_pos`` is None).
+        frame_pos: ``[F]`` temporal positions of the frames (floats, any finite value).
+        grid: ``(F, h, w)`` with ``F * h * w == L``.
+        theta, t_theta: as for ``rope3d``.
+
     Equals ``rope3d(k, grid=grid, frame_offset=a)`` written frame by frame when
-    ``frame_pos = a + arange(F)``. ``frame_slots`` may be prepared ``FrameSlots`` (which carry the
-    positions; ``frame_pos`` is then None). Returns ``(k_pool, v_pool)``."""
+    ``frame_pos = a + arange(F)``. Definition: docs/spec.md §6 (``rope3d_store_``)."""
     slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
     fn = ROPE3D_STORE.resolve(k_pool)
     k, v = (checks.apart_from(checks.rows_contiguous(t), k_pool, v_pool) for t in (k, v))
@@ -70,6 +104,7 @@ def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v
 # ----------------------------------------------------------------------------- input checks
 
 
+@checks.layout_hint(x="[B, L, H, D]")
 def _check_rope3d(x, grid, tt, theta, frame_offset):
     checks.rope_input(x, "x")
     checks.grid3(grid, x.shape[1])
@@ -77,6 +112,7 @@ def _check_rope3d(x, grid, tt, theta, frame_offset):
     checks.rope_params(theta, frame_offset)
 
 
+@checks.layout_hint(k_pool="[B, P, H, D]")
 def _check_rope3d_shift(k_pool, rng, delta_frames, tt, theta) -> tuple[TokenRanges, torch.Tensor]:
     """(ranges on k_pool's device, delta_frames float64 [R] on the CPU)."""
     checks.rope_input(k_pool, "k_pool")
@@ -88,6 +124,8 @@ def _check_rope3d_shift(k_pool, rng, delta_frames, tt, theta) -> tuple[TokenRang
     return rng, delta
 
 
+@checks.layout_hint(k_pool="[B, P, H_kv, D]", v_pool="[B, P, H_kv, Dv]", k="[B, L, H_kv, D]",
+                    v="[B, L, H_kv, Dv]")
 def _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, tt, theta) -> FrameSlots:
     checks.rope_input(k_pool, "k_pool")
     checks.rope_input(k, "k")
@@ -183,12 +221,12 @@ def _prepared_slots(s: FrameSlots, frame_pos, frames: int, hw: int, k_pool) -> F
 # ----------------------------------------------------------------------------- reference
 
 
-def rope3d_eager(x, grid, frame_offset, theta, t_theta):
+def rope3d_eager(x, grid, frame_offset, theta, t_theta) -> torch.Tensor:
     ang = rope_angles(grid, x.shape[3], frame_offset, theta, t_theta, x.device)  # [L, Ht, c]
     return rotate_pairs(x, ang[None])
 
 
-def rope3d_shift_eager_(k_pool, ranges: TokenRanges, delta_frames, theta, t_theta):
+def rope3d_shift_eager_(k_pool, ranges: TokenRanges, delta_frames, theta, t_theta) -> torch.Tensor:
     c_t = rope_bands(k_pool.shape[3])[0]
     member = ranges.membership(k_pool.shape[1], k_pool.device)  # [R, P]
     # One delta per token (ranges are disjoint), rotated where a range holds it and kept bitwise
@@ -201,7 +239,8 @@ def rope3d_shift_eager_(k_pool, ranges: TokenRanges, delta_frames, theta, t_thet
     return k_pool
 
 
-def rope3d_store_eager_(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_theta):
+def rope3d_store_eager_(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta,
+                        t_theta) -> tuple[torch.Tensor, torch.Tensor]:
     F, h, w = grid
     hw = h * w
     # Positions (frame_pos[f], row, column) via the rope3d angles at offset 0 plus a per-frame
@@ -218,20 +257,20 @@ def rope3d_store_eager_(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_
     return k_pool, v_pool
 
 
-def rope3d_reference(x, *, grid, frame_offset=0, theta=10000.0, t_theta=None):
+def rope3d_reference(x, *, grid, frame_offset=0, theta=10000.0, t_theta=None) -> torch.Tensor:
     """``rope3d`` computed eagerly (the oracle)."""
     _check_rope3d(x, grid, t_theta, theta, frame_offset)
     return rope3d_eager(x, tuple(grid), frame_offset, theta, t_theta)
 
 
-def rope3d_shift_reference_(k_pool, ranges, delta_frames, *, theta=10000.0, t_theta=None):
+def rope3d_shift_reference_(k_pool, ranges, delta_frames, *, theta=10000.0, t_theta=None) -> torch.Tensor:
     """``rope3d_shift_`` computed eagerly (the oracle)."""
     rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
     return rope3d_shift_eager_(k_pool, rng, delta, theta, t_theta)
 
 
 def rope3d_store_reference_(k_pool, v_pool, k, v, frame_slots, frame_pos=None, *, grid,
-                            theta=10000.0, t_theta=None):
+                            theta=10000.0, t_theta=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope3d_store_`` computed eagerly (the oracle)."""
     slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
     return rope3d_store_eager_(k_pool, v_pool, k, v, slots, tuple(grid), theta, t_theta)

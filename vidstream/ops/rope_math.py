@@ -44,7 +44,7 @@ def rotate_pairs(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-def rope_angles(grid, head_dim, frame_offset=0.0, theta=10000.0, t_theta=None, device=None):
+def rope_angles(grid, head_dim, frame_offset=0.0, theta=10000.0, t_theta=None, device=None) -> torch.Tensor:
     """Float64 rotation angles [L, Ht, D/2] of every token of the frame-major ``grid`` (F, h, w)
     (Ht = H with ``t_theta``, else 1)."""
     F, h, w = grid

@@ -26,16 +26,28 @@ def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *
                   query_stride: int = 8, heads=None, score: str = "mean",
                   scale: float | None = None,
                   block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (int64 [min(k, M)], ascending) of the ``k`` blocks of ``block_ranges`` [M, 2]
-    whose keys have the highest affinity with every ``query_stride``-th query of ``q``
-    [B, Lq, H, D] on the query ``heads`` (default the first half). Ties go to the smaller block
-    index.
+    """Top-k mid-block selection (PackForcing's dynamic context selection): the indices (int64
+    ``[min(k, M)]``, ascending, on q's device) of the ``k`` blocks of ``block_ranges`` whose keys
+    match the current chunk's queries best. Ties go to the smaller block index.
+
+    Args:
+        q: the chunk's queries ``[B, Lq, H, D]`` (tokens before heads); every
+            ``query_stride``-th query is sampled.
+        k_pool: the cached keys ``[B, P, H_kv, D]``.
+        block_ranges: ``[M, 2]`` token ranges, block ``m`` being the tokens of range ``m``.
+        k: blocks to keep (>= 0; ``k >= M`` keeps all).
+        heads: query-head indices to score on; default the first half of the heads.
+        score: ``"mean"``: the mean over sampled queries and heads of the summed scaled dot
+            products with the block's keys; ``"max"``: of the mean query's largest dot product
+            with one of the block's keys. An empty block scores 0 ("mean") or -inf ("max").
+        scale: default ``D ** -0.5``.
 
     ``block_key_sums`` [M, H_kv, D] (batch 1) or [B, M, H_kv, D], any float dtype (float32
     recommended): the sum over each block's tokens of its keys, as a cache can keep it when it
     writes a block (``block_key_sums(k_pool, block_ranges)`` or ``k_block.sum(1)``). With it,
     ``score="mean"`` costs O(M * H * D) and does not read the keys; ``score="max"`` needs every
-    key and ignores it (it is still checked). Indices are not differentiable."""
+    key and ignores it (it is still checked). Indices are not differentiable. Definition:
+    docs/spec.md §5."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
@@ -47,8 +59,8 @@ def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *
 def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_stride: int = 8,
                  heads=None, score: str = "mean", scale: float | None = None,
                  block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """The scores s_m [M] that ``select_blocks`` ranks, float32 from a kernel; the reference
-    backend gives them in q's dtype."""
+    """The scores ``s_m`` ``[M]`` that ``select_blocks`` ranks (same arguments, without ``k``):
+    float32 from a kernel, q's dtype from the reference backend. Definition: docs/spec.md §5."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
     scale = checks.scale_value(scale, q.shape[3])
@@ -77,6 +89,7 @@ def block_key_sums(k_pool: torch.Tensor, block_ranges) -> torch.Tensor:
 # ----------------------------------------------------------------------------- input checks
 
 
+@checks.layout_hint(q="[B, Lq, H, D]", k_pool="[B, P, H_kv, D]")
 def _check_select_blocks(q, k_pool, block_ranges, k, query_stride, heads, score,
                          block_key_sums=None) -> tuple:
     """(block ranges on q's device, the list of query heads, the key sums as [B, M, H_kv, D] or
@@ -136,12 +149,14 @@ def _check_key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, de
 
 
 def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, score, scale,
-                       key_sums=None):
+                       key_sums=None) -> torch.Tensor:
     """Scores s_m [M] in q's dtype. ``key_sums`` [B, M, H_kv, D] stands in for the keys of each
     block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it.
     Tensor ops only, so it traces under torch.compile: each block's tokens are gathered into a
     row padded to one length, summed in the same order for every block (equal blocks score
     bitwise equal, so ties stay ties)."""
+    if q.shape[0] == 0:
+        return _scores_without_batch(blocks, score, q.dtype, q.device)
     H, H_kv = q.shape[2], k_pool.shape[2]
     heads_t = torch.tensor(heads, device=q.device)
     kv_t = heads_t // (H // H_kv)
@@ -149,7 +164,9 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     qs = q[:, ::min(query_stride, max(q.shape[1], 1))][:, :, heads_t]  # [B, S, Hs, D]
     if score == "mean" and key_sums is not None:
         ksum = key_sums[:, :, kv_t].to(q.dtype)  # [B, M, Hs, D]
-        return (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
+        s = (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
+        return torch.where(_nonempty(blocks, q.device), s, torch.zeros((), dtype=s.dtype,
+                                                                       device=s.device))
     P = k_pool.shape[1]
     # One zero token past the pool: where padding points (so empty blocks and an empty pool work).
     ks = torch.cat([k_pool[:, :, kv_t], k_pool.new_zeros(q.shape[0], 1, len(heads), q.shape[3])], 1)
@@ -169,6 +186,18 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     return torch.where(valid[:, None, None], dots, ninf).amax(-1).mean(dim=(1, 2))
 
 
+def _nonempty(blocks: TokenRanges, device) -> torch.Tensor:
+    r = blocks.tensor.to(device)
+    return r[:, 1] > r[:, 0]
+
+
+def _scores_without_batch(blocks: TokenRanges, score, dtype, device) -> torch.Tensor:
+    """B = 0: the mean over no (b, h) is NaN, except that an empty block keeps its own rule (0 /
+    -inf), as on every backend."""
+    empty_score = 0.0 if score == "mean" else float("-inf")
+    return torch.where(_nonempty(blocks, device), float("nan"), empty_score).to(dtype)
+
+
 def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64, ascending, on the CPU) of the ``k`` largest ``scores``; equal scores go to
     the smaller index."""
@@ -177,13 +206,14 @@ def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale,
+                        sums) -> tuple[torch.Tensor, torch.Tensor]:
     s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
     return s, topk_ascending(s, k).to(q.device)
 
 
 def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads=None,
-                            score="mean", scale=None, block_key_sums=None):
+                            score="mean", scale=None, block_key_sums=None) -> torch.Tensor:
     """``select_blocks`` computed eagerly (the oracle)."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
@@ -192,7 +222,7 @@ def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads
 
 
 def block_scores_reference(q, k_pool, block_ranges, *, query_stride=8, heads=None, score="mean",
-                           scale=None, block_key_sums=None):
+                           scale=None, block_key_sums=None) -> torch.Tensor:
     """``block_scores`` computed eagerly (the oracle), in q's dtype."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
@@ -261,6 +291,8 @@ def _select_blocks_torch(q, k_pool, blocks: TokenRanges, k, query_stride, heads,
 
 def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc):
     dev = q.device
+    if q.shape[0] == 0:
+        return _scores_without_batch(blocks, score, acc, dev)
     M, width = len(blocks), blocks.max_len
     H, H_kv = q.shape[2], k_pool.shape[2]
     # The default heads (the first half) are a run: built on the device, no copy from the host.
@@ -286,7 +318,9 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
             ksum = torch.where(valid[None, :, :, None, None], kb, zero).sum(2, dtype=wide)
         qsum = qs.sum(1, dtype=wide)  # [B, Hs, D]
         count = qs.shape[0] * qs.shape[1] * qs.shape[2]
-        return ((ksum * qsum[:, None]).sum(dim=(0, 2, 3)) * (scale / count)).to(acc)
+        s = ((ksum * qsum[:, None]).sum(dim=(0, 2, 3)) * (scale / count)).to(acc)
+        # An empty block is an empty sum: 0, even where a sampled query is NaN.
+        return torch.where(_nonempty(blocks, dev), s, torch.zeros((), dtype=acc, device=dev))
     if width == 0:
         return torch.full((M,), float("-inf"), dtype=acc, device=dev)
     tok, valid = _block_rows(blocks, width, dev)

@@ -107,7 +107,7 @@ class StreamingKVCache:
 
     # -- bookkeeping shared by every layer
 
-    def reset(self):
+    def reset(self) -> None:
         L, M = self.num_layers, self.cfg.mid_blocks
         self.frames_done = 0
         self.sink_filled = 0
@@ -131,7 +131,7 @@ class StreamingKVCache:
     def num_mid(self) -> int:
         return len(self.mid_order[0]) if self.num_layers else 0
 
-    def begin_chunk(self, frames: int):
+    def begin_chunk(self, frames: int) -> None:
         cfg, C, hw = self.cfg, self.cfg.chunk_frames, self.hw
         if self._chunk is not None:
             raise RuntimeError("begin_chunk: the previous chunk was not ended (end_chunk)")
@@ -269,7 +269,7 @@ class StreamingKVCache:
         ranges += _runs(ring + [ch.slot], sizes, self.ring_off, C * self.hw)
         return TokenRanges.trusted(ranges, device)
 
-    def end_chunk(self):
+    def end_chunk(self) -> None:
         """The last pass's keys stay: the chunk becomes part of the sink or the recent window."""
         ch = self._chunk
         if ch is None:

@@ -136,7 +136,7 @@ class MidCompressor:
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor, *, grid, frame_offset: float = 0.0,
                  theta: float = 10000.0, t_theta: torch.Tensor | None = None,
-                 rotated: bool = True):
+                 rotated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         _check_inputs(k, v, grid, t_theta, rotated)
         grid = tuple(grid)
         Fp, hp, wp = self.out_grid(grid)
@@ -246,7 +246,8 @@ class ConvCompressor(nn.Module, MidCompressor):
                              f", v {self.v_net.down.in_channels}), got (k {k.shape[-1]}, v {v.shape[-1]})")
         return self._run(self.k_net, k), self._run(self.v_net, v)
 
-    def forward(self, k, v, *, grid, frame_offset=0.0, theta=10000.0, t_theta=None, rotated=True):
+    def forward(self, k, v, *, grid, frame_offset=0.0, theta=10000.0, t_theta=None,
+                rotated=True) -> tuple[torch.Tensor, torch.Tensor]:
         return MidCompressor.__call__(self, k, v, grid=grid, frame_offset=frame_offset, theta=theta,
                                       t_theta=t_theta, rotated=rotated)
 
@@ -255,7 +256,8 @@ class ConvCompressor(nn.Module, MidCompressor):
 
 def compress_block(k: torch.Tensor, v: torch.Tensor, *, grid, frame_offset: float = 0.0,
                    compressor: MidCompressor | None = None, theta: float = 10000.0,
-                   t_theta: torch.Tensor | None = None, rotated: bool = True):
+                   t_theta: torch.Tensor | None = None,
+                   rotated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Compresses one block's ``k`` [B, F*h*w, H_kv, D] and ``v`` [B, F*h*w, H_kv, Dv] on the
     token ``grid`` (F, h, w) with ``compressor`` (default ``PoolCompressor()``: 2x in time, 4x in
     each spatial side, floor). ``rotated``: the keys carry 3D RoPE with the block's first frame at
@@ -288,7 +290,7 @@ class AvgPoolCompressor:
         tf, sh, sw = self._factors(grid)
         return (F // tf) * (h // sh) * (w // sw)
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, *, grid):
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, *, grid) -> tuple[torch.Tensor, torch.Tensor]:
         return self._pool(k, grid), self._pool(v, grid)
 
     def _pool(self, x, grid):
@@ -318,14 +320,15 @@ def compressor_keywords(compressor) -> frozenset:
     return _OPTIONAL_KEYWORDS & frozenset(params)
 
 
-def call_compressor(compressor, keywords, k, v, grid, frame_offset, theta, t_theta):
+def call_compressor(compressor, keywords, k, v, grid, frame_offset, theta,
+                    t_theta) -> tuple[torch.Tensor, torch.Tensor]:
     """``compressor(k, v, grid=...)`` with those of frame_offset / theta / t_theta that it takes
     (``keywords``, from ``compressor_keywords``: inspected once per cache, not per block)."""
     extra = {"frame_offset": float(frame_offset), "theta": theta, "t_theta": t_theta}
     return compressor(k, v, grid=tuple(grid), **{n: extra[n] for n in keywords})
 
 
-def checked_compressor(compressor, config, frame_shape):
+def checked_compressor(compressor, config, frame_shape) -> Compressor:
     """``compressor`` (default ``default_compressor()``), refused at construction where it cannot
     compress one chunk: what would otherwise fail the first time a chunk leaves the window."""
     compressor = default_compressor() if compressor is None else compressor

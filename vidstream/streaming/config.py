@@ -57,7 +57,7 @@ class CacheConfig:
                 + self.chunk_frames - 1)
 
 
-def check_layer(layer, num_layers: int):
+def check_layer(layer, num_layers: int) -> None:
     """A cache's ``attend(layer, ...)``: a layer the cache was built for."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise ValueError(f"layer must be an int in [0, num_layers = {num_layers}), got {layer!r}")

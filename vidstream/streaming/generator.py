@@ -30,6 +30,7 @@ from .naive_cache import NaiveKVCache
 CACHES = {"bounded": StreamingKVCache, "naive": NaiveKVCache}
 # The generator's former ``backend=`` names, kept for one release: they chose the cache.
 LEGACY_BACKENDS = {"fused": "bounded", "reference": "naive"}
+_RECOMPILE_LIMIT = 64
 
 
 def cache_kind(cache: Optional[str], backend: Optional[str]) -> str:
@@ -89,14 +90,30 @@ class StreamingGenerator:
     blocks of which ``top_k`` are attended (``None``: all), ``mid_evict`` "oldest" or "lowest";
     ``compressor``: mid-block compressor (default ``compressors.default_compressor()``);
     ``cache``: "bounded" or "naive" (module docstring); ``backend``: deprecated alias of
-    ``cache`` ("fused" -> "bounded", "reference" -> "naive")."""
+    ``cache`` ("fused" -> "bounded", "reference" -> "naive").
+
+    ``compile=True`` (bounded cache only): every pass of a chunk after its first runs through
+    ``torch.compile(fullgraph=True, dynamic=False)`` (``compile_options`` adds or overrides
+    keywords, e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU). The first pass stays
+    eager because it lays the chunk out (selection, re-rotation, ranges read on the host); the
+    later ones only read that layout, so they trace whole. One graph is compiled per layout the
+    cache goes through, a handful until the cache is full, then they repeat."""
 
     def __init__(self, model: StreamingDiT, *, chunk_frames: int = 3, sink_frames: int = 3,
                  recent_frames: int = 6, mid_blocks: int = 8, top_k: Optional[int] = 4,
                  mid_evict: str = "oldest", compressor=None, timesteps=(1000, 750, 500, 250),
                  shift: float = 5.0, cache: Optional[str] = None, seed: int = 0, batch: int = 1,
-                 select_stride: int = 8, max_frames_rope: int = 1024, backend: Optional[str] = None):
+                 select_stride: int = 8, max_frames_rope: int = 1024, backend: Optional[str] = None,
+                 compile: bool = False, compile_options: Optional[dict] = None):
         self.cache_kind = cache_kind(cache, backend)
+        if not isinstance(compile, bool):
+            checks.fail_type(f"compile must be True or False, got {compile!r}")
+        if compile and self.cache_kind != "bounded":
+            raise ValueError("compile=True needs cache='bounded': the naive cache grows every "
+                             "chunk, so no graph could be reused")
+        if compile_options is not None and not isinstance(compile_options, dict):
+            checks.fail_type(f"compile_options must be a dict of torch.compile keywords, got "
+                             f"{compile_options!r}")
         _check_schedule(timesteps, shift)
         checks.positive_int(batch, "batch")
         checks.positive_int(seed, "seed", minimum=0)
@@ -113,6 +130,23 @@ class StreamingGenerator:
             num_layers=mc.num_layers, batch=batch, kv_heads=mc.num_heads, head_dim=mc.head_dim,
             frame_shape=mc.frame_shape, config=self.config, compressor=compressor,
             dtype=model.dtype, device=model.device)
+        self._compiled_pass = None
+        if compile:
+            options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
+            self._compiled_pass = torch.compile(self._pass, **options)
+
+    def _pass(self, x: torch.Tensor, t: torch.Tensor, text_kv: list) -> torch.Tensor:
+        return self.model(x, t, text_kv, self.cache)
+
+    def _later_pass(self, x: torch.Tensor, t: float, text_kv: list) -> torch.Tensor:
+        """A pass after the chunk's first: compiled when asked. ``t`` goes in as a tensor so that
+        the denoising steps share one graph."""
+        if self._compiled_pass is None:
+            return self._pass(x, t, text_kv)
+        t = torch.tensor(t, dtype=torch.float32, device=x.device)
+        # A graph per cache layout: more than dynamo's default of 8 before the layouts repeat.
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return self._compiled_pass(x, t, text_kv)
 
     @torch.no_grad()
     def stream(self, text_embeddings: torch.Tensor, num_frames: int) -> Iterator[torch.Tensor]:
@@ -136,12 +170,13 @@ class StreamingGenerator:
             x = torch.randn(shape, generator=gen, device=dev)
             self.cache.begin_chunk(F)
             for i, sigma in enumerate(self.sigmas):
-                flow = model(x, sigma * 1000.0, text_kv, self.cache)
+                run_pass = self._pass if i == 0 else self._later_pass
+                flow = run_pass(x, sigma * 1000.0, text_kv)
                 x0 = x - sigma * flow
                 if i + 1 < len(self.sigmas):
                     nxt = self.sigmas[i + 1]
                     x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=gen, device=dev)
-            model(x0, 0.0, text_kv, self.cache)
+            self._later_pass(x0, 0.0, text_kv)
             self.cache.end_chunk()
             done += F
             yield x0

@@ -6,7 +6,14 @@ positional key ``k_r = W_kr x + b_kr`` (``rope_dims`` values shared by all heads
 applies the 3D RoPE to it). Head ``h`` sees ``k_h = concat(c @ w_uk[h], k_r)`` and
 ``v_h = c @ w_uv[h]`` (docs/spec.md §4).
 
-``from_dense`` construction (w_k [H*D, dim], w_v [H*Dv, dim], nn.Linear layout):
+``from_dense`` takes the dense projections in nn.Linear's ``[out, in]`` layout: the ``nn.Linear``
+modules themselves (their weights and biases), their weights ``w_k [H*D, dim]``, ``w_v [H*Dv,
+dim]`` with ``heads=H`` (the rows are split into ``H`` heads of consecutive rows, the layout of
+``k.unflatten(-1, (H, D))``), or ``[H, D, dim]`` / ``[H, Dv, dim]`` tensors (no ``heads``
+needed). For example, Wan2.1's ``self_attn.k`` and ``self_attn.v``:
+``LowRankKV.from_dense(attn.k, attn.v, rank=192, rope_dims=32, heads=12)``.
+
+Construction:
 
 1. Positional part. The last ``rope_dims`` channels of every head become the shared key; the
    shared projection is the mean over heads of those rows (and biases), the least-squares
@@ -60,13 +67,15 @@ class LowRankKV(nn.Module):
         """Values cached per token and layer: rank + rope_dims (dense: 2 * H * D)."""
         return self.rank + self.rope_dims
 
-    def forward(self, x: torch.Tensor):
-        """(c [B, L, rank], k_r [B, L, rope_dims] or None): what the cache stores."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(c [B, L, rank], k_r [B, L, rope_dims] or None): what the cache stores for hidden
+        states ``x`` [B, L, dim]."""
         y = self.down(x)
         c = y[..., : self.rank]
         return c, (y[..., self.rank:] if self.rope_dims else None)
 
-    def decompress(self, c: torch.Tensor, k_r: torch.Tensor | None = None):
+    def decompress(self, c: torch.Tensor,
+                   k_r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full K [B, L, H, D] and V [B, L, H, Dv] of latents c [B, L, rank] (k_r [B, L, d_r]).
         The kernels have no backward: where a gradient is needed the differentiable reference
         runs instead."""
@@ -77,12 +86,25 @@ class LowRankKV(nn.Module):
         return lowrank_decompress(*args)
 
     @classmethod
-    def from_dense(cls, w_k: torch.Tensor, w_v: torch.Tensor, rank: int, rope_dims: int = 0, *,
-                   heads: int | None = None, b_k: torch.Tensor | None = None,
+    def from_dense(cls, w_k: torch.Tensor | nn.Linear, w_v: torch.Tensor | nn.Linear, rank: int,
+                   rope_dims: int = 0, *, heads: int | None = None, b_k: torch.Tensor | None = None,
                    b_v: torch.Tensor | None = None) -> LowRankKV:
         """A ``LowRankKV`` approximating the dense projections ``k = w_k x + b_k``,
-        ``v = w_v x + b_v`` (w_k [H*D, dim] or [H, D, dim]; w_v likewise with Dv) by a truncated
-        SVD; see the module docstring for the construction."""
+        ``v = w_v x + b_v`` by a truncated SVD (no training).
+
+        Args:
+            w_k, w_v: the key and value projections in nn.Linear's ``[out, in]`` layout: the
+                ``nn.Linear`` modules (their biases are used), their weights ``[H*D, dim]`` and
+                ``[H*Dv, dim]`` (then ``heads`` is required: rows ``h*D .. (h+1)*D - 1`` are
+                head ``h``), or ``[H, D, dim]`` and ``[H, Dv, dim]``.
+            rank: latent values cached per token (``d_c``), in ``[1, rank bound]``.
+            rope_dims: the last ``rope_dims`` channels of each key head become the positional
+                key ``k_r`` shared by all heads (``d_r``); 0 for none.
+            heads: the head count ``H``, for 2-D weights.
+            b_k, b_v: biases ``[H*D]`` / ``[H*Dv]`` of weight tensors (not with modules).
+
+        ``k_r`` needs RoPE applied by the caller; see the module docstring for the construction
+        and docs/spec.md §4 for how the ops use the result."""
         return cls.from_dense_ranks(w_k, w_v, [rank], rope_dims, heads=heads, b_k=b_k, b_v=b_v)[0]
 
     @classmethod
@@ -126,19 +148,38 @@ class LowRankKV(nn.Module):
         return modules
 
 
+def _linear_weight(w, b, w_name: str, b_name: str):
+    """An ``nn.Linear`` ``w`` as (its weight, its bias); a tensor as it is."""
+    if not isinstance(w, nn.Linear):
+        return w, b
+    if b is not None:
+        raise ValueError(f"{b_name} must be None when {w_name} is an nn.Linear (its bias is used)")
+    return w.weight.detach(), None if w.bias is None else w.bias.detach()
+
+
 def _dense_heads(w_k, w_v, heads, b_k, b_v):
     """w_k [H, D, dim], w_v [H, Dv, dim], b_k [H, D] or None, b_v [H, Dv] or None."""
+    w_k, b_k = _linear_weight(w_k, b_k, "w_k", "b_k")
+    w_v, b_v = _linear_weight(w_v, b_v, "w_v", "b_v")
     if not isinstance(w_k, torch.Tensor) or w_k.dim() not in (2, 3):
-        raise ValueError("w_k must be a tensor [H*D, dim] or [H, D, dim]")
+        raise ValueError("w_k must be an nn.Linear, its weight [H*D, dim] or a tensor [H, D, dim]")
     if not isinstance(w_v, torch.Tensor) or w_v.dim() != w_k.dim():
         raise ValueError(f"w_v must have w_k's layout ({w_k.dim()}-D), got "
                          f"{tuple(w_v.shape) if isinstance(w_v, torch.Tensor) else type(w_v)}")
     if w_k.dim() == 2:
         if heads is None:
-            raise ValueError("heads must be given when w_k is 2-D [H*D, dim]")
+            raise ValueError(f"heads must be given when w_k is 2-D {list(w_k.shape)} (nn.Linear's "
+                             "[H*D, dim] weight): pass heads=H to split its rows into H heads, or "
+                             "give w_k as [H, D, dim]")
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be an int >= 1, got {heads!r}")
         if w_k.shape[0] % heads or w_v.shape[0] % heads:
+            hint = ""
+            if not (w_k.shape[1] % heads or w_v.shape[1] % heads):
+                hint = ("; they look like [dim, H*D] (the x @ W layout): pass w_k.T and w_v.T, "
+                        "nn.Linear's [out, in]")
             raise ValueError(f"w_k rows ({w_k.shape[0]}) and w_v rows ({w_v.shape[0]}) must be "
-                             f"multiples of heads = {heads}")
+                             f"multiples of heads = {heads}{hint}")
         w_k = w_k.reshape(heads, -1, w_k.shape[1])
         w_v = w_v.reshape(heads, -1, w_v.shape[1])
     if w_v.shape[0] != w_k.shape[0] or w_v.shape[2] != w_k.shape[2]:
@@ -155,7 +196,9 @@ def _dense_heads(w_k, w_v, heads, b_k, b_v):
     return w_k, w_v, b_k, b_v
 
 
-def dense_kv(x, w_k, w_v, heads, b_k=None, b_v=None):
+def dense_kv(x: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, heads: int,
+             b_k: torch.Tensor | None = None,
+             b_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense K [B, L, H, D] and V [B, L, H, Dv] of x [B, L, dim] (to measure the error)."""
     k = torch.nn.functional.linear(x, w_k.reshape(-1, x.shape[-1]),
                                    None if b_k is None else b_k.reshape(-1))

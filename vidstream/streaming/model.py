@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _safetensors
-
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -75,7 +73,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return y.type_as(x) * self.weight
 
@@ -83,7 +81,7 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """Computed in float32 whatever the activations' dtype, as Wan does."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
@@ -99,7 +97,8 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def heads(self, x):
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., dim] -> [..., num_heads, head_dim]."""
         return x.unflatten(-1, (self.num_heads, -1))
 
 
@@ -116,7 +115,8 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, grid, text_kv, attention, layer):
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, grid, text_kv, attention,
+                layer: int) -> torch.Tensor:
         """x [B, L, dim] float32 residual stream; e0 [B, F, 6, dim] per-frame modulation."""
         B, L, d = x.shape
         Fr = grid[0]
@@ -149,7 +149,7 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * 4)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, grid):
+    def forward(self, x: torch.Tensor, e: torch.Tensor, grid) -> torch.Tensor:
         B, L, d = x.shape
         mod = (self.modulation.float()[:, None] + e[:, :, None]).chunk(2, dim=2)  # [B, F, 1, d]
         y = self.norm(x).view(B, grid[0], -1, d) * (1 + mod[1]) + mod[0]
@@ -163,7 +163,8 @@ class StreamingDiT(nn.Module):
     """Wan2.1-shaped DiT. ``StreamingDiT("tiny", seed=0)`` or ``StreamingDiT(DiTConfig(...))``;
     random weights are drawn from ``seed``."""
 
-    def __init__(self, config="tiny", *, seed: int = 0, dtype=torch.float32, device=None):
+    def __init__(self, config: str | DiTConfig = "tiny", *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
         super().__init__()
         cfg = PRESETS.get(config) if isinstance(config, str) else config
         if not isinstance(cfg, DiTConfig):
@@ -199,11 +200,11 @@ class StreamingDiT(nn.Module):
         nn.init.normal_(self.head.head.weight, std=0.02)
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
     # -- text
@@ -247,7 +248,8 @@ class StreamingDiT(nn.Module):
         out = self.head(h, e, grid).float()
         return self.unpatchify(out, grid)
 
-    def unpatchify(self, x, grid):
+    def unpatchify(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """Head output [B, F*h*w, out_dim*4] -> latents [B, out_dim, F, 2h, 2w]."""
         Fr, h, w = grid
         c = self.config.out_dim
         x = x.view(x.shape[0], Fr, h, w, 1, 2, 2, c)
@@ -256,13 +258,19 @@ class StreamingDiT(nn.Module):
     # -- checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str, *, num_heads: int | None = None, dtype=torch.float32,
-                        device="cpu", latent_hw=None) -> "StreamingDiT":
+    def from_pretrained(cls, path: str, *, num_heads: int | None = None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        latent_hw: tuple[int, int] | None = None) -> StreamingDiT:
         """Loads a Wan2.1 / Self-Forcing checkpoint: a ``.safetensors`` file, a folder of them
         (``diffusion_pytorch_model*.safetensors``, with Wan's ``config.json``), or a torch file
         (a state dict, or one under ``generator_ema`` / ``generator`` / ``state_dict`` / ``model``;
         ``model.``-style wrapper prefixes are stripped). The architecture is read from the tensor
-        shapes; the head count from ``num_heads``, ``config.json`` or the preset of that width."""
+        shapes; the head count from ``num_heads``, ``config.json`` or the preset of that width;
+        ``latent_hw`` (latent height, width of a frame) defaults to the preset's.
+
+        ``.safetensors`` files are read with the ``safetensors`` package, memory-mapped: a
+        checkpoint is not held twice in memory, and any dtype it stores (fp8 included) is cast
+        to ``dtype`` once, on ``device``. See docs/spec.md §6 (``StreamingDiT``)."""
         state, meta = _load_state(path)
         cfg = _config_from_state(state, num_heads or meta.get("num_heads"), latent_hw)
         with torch.device("meta"):  # no random init of weights about to be replaced
@@ -274,7 +282,17 @@ class StreamingDiT(nn.Module):
         return model.to(device=device, dtype=dtype)
 
 
-def _load_state(path: str):
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, memory-mapped by the ``safetensors`` package."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("StreamingDiT.from_pretrained needs the safetensors package to read "
+                          f"{path!r}: pip install safetensors") from None
+    return load_file(path, device="cpu")
+
+
+def _load_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     meta = {}
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -289,7 +307,7 @@ def _load_state(path: str):
     state = {}
     for fn in files:
         if fn.endswith(".safetensors"):
-            state.update(_safetensors.load_file(fn))
+            state.update(_load_safetensors(fn))
         else:
             obj = torch.load(fn, map_location="cpu", weights_only=True)
             for key in ("generator_ema", "generator", "state_dict", "model"):

@@ -60,7 +60,7 @@ class NaiveKVCache:
         self.t_theta = t_theta
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         L = self.num_layers
         self.hist_k: list[Optional[torch.Tensor]] = [None] * L
         self.hist_v: list[Optional[torch.Tensor]] = [None] * L
@@ -88,7 +88,7 @@ class NaiveKVCache:
                                     t_theta=self.t_theta)
         return k
 
-    def begin_chunk(self, frames: int):
+    def begin_chunk(self, frames: int) -> None:
         cfg, C = self.cfg, self.cfg.chunk_frames
         sink = self.frames_done < cfg.sink_frames
         while not sink and len(self.recent) > cfg.recent_frames // C:
@@ -142,7 +142,7 @@ class NaiveKVCache:
             for j, i in enumerate(self.recent):
                 self.chunks[i].pos = float(cfg.sink_frames + (ch.n_active + j) * C)
 
-    def attend(self, layer, q, k, v, grid):
+    def attend(self, layer, q, k, v, grid) -> torch.Tensor:
         ch, cfg = self._chunk, self.cfg
         if ch is None:
             raise RuntimeError("attend: call begin_chunk first")
@@ -174,7 +174,7 @@ class NaiveKVCache:
         k_all, v_all = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
         return reference.cached_attention(q_rot, k_all, v_all, [[0, k_all.shape[1]]])
 
-    def end_chunk(self):
+    def end_chunk(self) -> None:
         ch = self._chunk
         for layer in range(self.num_layers):
             k_rot, v = ch.current[layer]

@@ -94,14 +94,19 @@ def run_stream(model, text: torch.Tensor, frames: int, *, cache: str = "bounded"
                      max_position=gen.cache.max_position, peak_memory_bytes=peak, chunks=chunks)
 
 
-def add_partition_options(parser, *, recent_frames: int, mid_blocks: int, top_k: int):
+def add_partition_options(parser, *, recent_frames: int, mid_blocks: int, top_k: int) -> None:
     """The cache partition flags of a run (latent frames): the demo and the benchmark take the
     same ones with different defaults."""
-    parser.add_argument("--chunk-frames", type=int, default=3)
-    parser.add_argument("--sink-frames", type=int, default=3)
-    parser.add_argument("--recent-frames", type=int, default=recent_frames)
-    parser.add_argument("--mid-blocks", type=int, default=mid_blocks)
-    parser.add_argument("--top-k", type=int, default=top_k)
+    parser.add_argument("--chunk-frames", type=int, default=3,
+                        help="latent frames generated per chunk")
+    parser.add_argument("--sink-frames", type=int, default=3,
+                        help="first frames kept for ever (a multiple of --chunk-frames)")
+    parser.add_argument("--recent-frames", type=int, default=recent_frames,
+                        help="previous frames kept at full resolution (a multiple of --chunk-frames)")
+    parser.add_argument("--mid-blocks", type=int, default=mid_blocks,
+                        help="compressed blocks of older frames kept (0: none)")
+    parser.add_argument("--top-k", type=int, default=top_k,
+                        help="mid blocks attended per chunk, chosen by select_blocks")
 
 
 def partition_options(args) -> dict:
