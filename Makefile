@@ -48,9 +48,9 @@ test: build
 demo: build
 	$(PY) -m vidstream demo --compare --out out/demo
 
-# Every benchmark, results into bench/results/ (CPU: minutes; the figures the README quotes).
+# Every benchmark on the CPU, into the bench/results/ files the README quotes (~10 minutes).
 bench: build
-	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b --json bench/results/; done
+	bash bench/cpu_figures.sh $(PY)
 
 lint: $(ENV_STAMP)
 	$(PY) -m ruff check .

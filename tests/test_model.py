@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from safetensors.torch import save_file
+
 from vidstream.streaming import FullSequenceAttention, StreamingDiT
 from vidstream.streaming.model import PRESETS, sinusoidal_embedding
 

@@ -33,15 +33,21 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 
 
-def _configs():
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit inputs run tensor cores: 128 x 64-128 tiles,
+# 8 warps for head dim 128, a 64-row option for short Lq.
+_TILES_16BIT = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                (64, 128, 4, 2)]
+# float32 runs IEEE FMA: twice the shared memory per tile, so at head dim 128 with the window
+# only 32-key tiles fit sm_90's 227 KiB (tools/triton_aot_check.py measured 246-328 KB for the
+# 16-bit set, whose float32 compiles also took 1-12 minutes each).
+_TILES_FP32 = [(64, 32, 4, 2), (128, 32, 4, 3)]
+
+
+def _configs(tiles):
     if _INTERPRET:  # every config would run under the interpreter: one small one
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    # Hopper/Ampere: 128 x 64-128 tiles, 8 warps for head dim 128; a 64-row option for short Lq.
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-                             (128, 32, 4, 4), (64, 128, 4, 2)]
-    ]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in tiles]
     # VIDSTREAM_TRITON_AUTOTUNE=first: the first config alone, no autotuning (bench/gpu_check.sh,
     # where compiling and timing every config would not fit the device time). Read once, when
     # this module is imported.
@@ -182,7 +188,6 @@ def _store(o_ptr, lse_ptr, acc, m_i, l_i, nonempty, offs_m, so_l, n_rows, DV: tl
     tl.store(lse_ptr + offs_m, lse, mask=offs_m < n_rows)
 
 
-@triton.autotune(configs=_configs(), key=["D", "DV", "HAS_WINDOW", "IEEE"])
 @triton.jit
 def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                             L, heads, group, qk_scale, ft, cf, sink, window,
@@ -235,7 +240,6 @@ def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
            DV, BLOCK_DV, IEEE)
 
 
-@triton.autotune(configs=_configs(), key=["D", "DV", "IEEE"])
 @triton.jit
 def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, num_ranges,
                              Lq, heads, group, qk_scale,
@@ -266,6 +270,16 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, nu
                                       IEEE)
     _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, n_keys > 0, offs_m, so_l,
            Lq, DV, BLOCK_DV, IEEE)
+
+
+# One autotuner per precision (keyed by whether the inputs are float32): each tries only the
+# tiles that fit its precision.
+_TUNED_CHUNK = {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
+                                      key=["D", "DV", "HAS_WINDOW"])(_chunk_attention_kernel)
+                for ieee in (False, True)}
+_TUNED_CACHED = {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
+                                       key=["D", "DV"])(_cached_attention_kernel)
+                 for ieee in (False, True)}
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:
@@ -304,7 +318,7 @@ def chunk_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    wrap_triton(_chunk_attention_kernel)[grid](
+    wrap_triton(_TUNED_CHUNK[q.dtype == torch.float32])[grid](
         q, k, v, out, lse, L, H, H // k.shape[2], _score_scale(q, scale), frame_tokens, chunk_frames,
         sink_frames, 0 if window_frames is None else window_frames, *_common_args(q, k, v, out),
         HAS_WINDOW=window_frames is not None, **_dims(q, v))
@@ -326,7 +340,7 @@ def cached_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    wrap_triton(_cached_attention_kernel)[grid](
+    wrap_triton(_TUNED_CACHED[q.dtype == torch.float32])[grid](
         q, k, v, out, lse, kv_ranges, kv_ranges.shape[0], Lq, H, H // k.shape[2], _score_scale(q, scale),
         *_common_args(q, k, v, out), **_dims(q, v))
     return out, lse
