@@ -28,6 +28,15 @@ import torch
 from . import _extension
 
 NAMES = ("reference", "cpu", "triton", "cuda", "torch")
+# Backends composed of PyTorch's own differentiable ops: autograd gives their gradients. The
+# cpu, triton and cuda kernels have no backward yet (issue #14).
+DIFFERENTIABLE = ("reference", "torch")
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a gradient through an op of these inputs."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 # Order in which validated GPU backends are preferred for CUDA tensors.
 _GPU_PREFERENCE = ("cuda", "triton")
 
@@ -127,17 +136,27 @@ class Op:
     def available(self, device, dtype) -> list[str]:
         return [b for b in self.impls if usable(b, self.name, device, dtype) is None]
 
-    def resolve_name(self, x: torch.Tensor) -> str:
+    def resolve_name(self, x: torch.Tensor, grad: bool = False) -> str:
         """The backend that runs this op on inputs like ``x``; a ``ValueError`` naming the
-        available ones where the forced backend cannot."""
+        available ones where the forced backend cannot. ``grad``: a gradient will be asked of the
+        result (``needs_grad``), which only the backends in ``DIFFERENTIABLE`` give."""
         chosen = forced()
         if chosen is None:
             name = self.default_name(x)
+            if grad and name not in DIFFERENTIABLE:
+                # The kernels have no backward yet: a result without a gradient would be a
+                # silent wrong answer, so the op runs on PyTorch's own ops instead.
+                name = "torch" if "torch" in self.impls and usable(
+                    "torch", self.name, x.device, x.dtype) is None else "reference"
             if _logging():
-                _log_choice(self.name, x, name, "default")
+                _log_choice(self.name, x, name, "default, gradients needed" if grad else "default")
             return name
         why = "it has no kernel for this op" if chosen not in self.impls else (
             usable(chosen, self.name, x.device, x.dtype) or self.impls[chosen].refuses(x))
+        if why is None and grad and chosen not in DIFFERENTIABLE:
+            why = (f"its kernels have no backward yet and these inputs require grad (run training "
+                   f"on {' or '.join(repr(b) for b in DIFFERENTIABLE)}, or call it under "
+                   f"torch.no_grad())")
         if why is not None:
             avail = ", ".join(self.available(x.device, x.dtype))
             raise ValueError(
@@ -147,8 +166,8 @@ class Op:
             _log_choice(self.name, x, chosen, "forced")
         return chosen
 
-    def resolve(self, x: torch.Tensor) -> Callable:
-        return self.impls[self.resolve_name(x)].fn
+    def resolve(self, x: torch.Tensor, grad: bool = False) -> Callable:
+        return self.impls[self.resolve_name(x, grad)].fn
 
     def default_name(self, x: torch.Tensor) -> str:
         """The backend the defaults pick for inputs like ``x``, whatever is forced."""

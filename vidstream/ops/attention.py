@@ -81,7 +81,8 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk
     mask = _check_chunk_attention(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames)
     scale = checks.scale_value(scale, q.shape[3])
     q, k, v = (checks.rows_contiguous(t) for t in (q, k, v))
-    return CHUNK_ATTENTION.resolve(q)(q, k, v, frame_tokens, *mask, scale, return_lse)
+    grad = backend.needs_grad(q, k, v)
+    return CHUNK_ATTENTION.resolve(q, grad)(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
 @overload
@@ -125,7 +126,8 @@ def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: Range
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
     scale = checks.scale_value(scale, q.shape[3])
     q, k_pool, v_pool = (checks.rows_contiguous(t) for t in (q, k_pool, v_pool))
-    return CACHED_ATTENTION.resolve(q)(q, k_pool, v_pool, ranges, scale, return_lse)
+    grad = backend.needs_grad(q, k_pool, v_pool)
+    return CACHED_ATTENTION.resolve(q, grad)(q, k_pool, v_pool, ranges, scale, return_lse)
 
 
 # ----------------------------------------------------------------------------- input checks

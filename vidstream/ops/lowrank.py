@@ -68,7 +68,8 @@ def lowrank_decompress(c_pool: Tensor, w_uk: Tensor, w_uv: Tensor, kv_ranges: Ra
         ``(k [B, N, H, d_nope + d_r], v [B, N, H, d_v])``, ``N`` the tokens of the ranges, range
         by range in the order given. Definition: docs/spec.md §4."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
-    return LOWRANK_DECOMPRESS.resolve(c_pool)(c_pool, w_uk, w_uv, ranges, k_r_pool)
+    grad = backend.needs_grad(c_pool, w_uk, w_uv, k_r_pool)
+    return LOWRANK_DECOMPRESS.resolve(c_pool, grad)(c_pool, w_uk, w_uv, ranges, k_r_pool)
 
 
 @overload
@@ -113,7 +114,8 @@ def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tens
     scale = checks.scale_value(scale, q.shape[3])
     if strategy is not None and strategy not in STRATEGIES:
         checks.fail(f"strategy must be None or one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    return LOWRANK_CACHED_ATTENTION.resolve(q)(
+    grad = backend.needs_grad(q, c_pool, w_uk, w_uv, k_r_pool)
+    return LOWRANK_CACHED_ATTENTION.resolve(q, grad)(
         q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy)
 
 

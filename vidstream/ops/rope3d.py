@@ -47,7 +47,8 @@ def rope3d(x: torch.Tensor, *, grid, frame_offset=0, theta: float = 10000.0,
     band's frequency; angles in float64, products in float32. Definition and band table:
     docs/spec.md §3."""
     _check_rope3d(x, grid, t_theta, theta, frame_offset)
-    return ROPE3D.resolve(x)(checks.rows_contiguous(x), tuple(grid), frame_offset, theta, t_theta)
+    fn = ROPE3D.resolve(x, backend.needs_grad(x))
+    return fn(checks.rows_contiguous(x), tuple(grid), frame_offset, theta, t_theta)
 
 
 def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 10000.0,
@@ -67,7 +68,7 @@ def rope3d_shift_(k_pool: torch.Tensor, ranges, delta_frames, *, theta: float = 
     Only the temporal channels of the tokens in the ranges are written; the height and width
     channels and every other token stay bit-identical. Definition: docs/spec.md §3."""
     rng, delta = _check_rope3d_shift(k_pool, ranges, delta_frames, t_theta, theta)
-    fn = ROPE3D_SHIFT.resolve(k_pool)
+    fn = ROPE3D_SHIFT.resolve(k_pool, backend.needs_grad(k_pool))
     with checks.written_in_place(k_pool) as pool:
         fn(pool, rng, delta, theta, t_theta)
     return k_pool
@@ -94,7 +95,7 @@ def rope3d_store_(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v
     Equals ``rope3d(k, grid=grid, frame_offset=a)`` written frame by frame when
     ``frame_pos = a + arange(F)``. Definition: docs/spec.md §6 (``rope3d_store_``)."""
     slots = _check_rope3d_store(k_pool, v_pool, k, v, frame_slots, frame_pos, grid, t_theta, theta)
-    fn = ROPE3D_STORE.resolve(k_pool)
+    fn = ROPE3D_STORE.resolve(k_pool, backend.needs_grad(k_pool, v_pool, k, v))
     k, v = (checks.apart_from(checks.rows_contiguous(t), k_pool, v_pool) for t in (k, v))
     with checks.written_in_place(k_pool) as kp, checks.written_in_place(v_pool) as vp:
         fn(kp, vp, k, v, slots, tuple(grid), theta, t_theta)

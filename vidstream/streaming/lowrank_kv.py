@@ -39,7 +39,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import reference
 from ..ops.lowrank import lowrank_decompress
 
 
@@ -77,13 +76,9 @@ class LowRankKV(nn.Module):
     def decompress(self, c: torch.Tensor,
                    k_r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Full K [B, L, H, D] and V [B, L, H, Dv] of latents c [B, L, rank] (k_r [B, L, d_r]).
-        The kernels have no backward: where a gradient is needed the differentiable reference
-        runs instead."""
+        Differentiable: where a gradient is needed the op runs on a differentiable backend."""
         ranges = torch.tensor([[0, c.shape[1]]], dtype=torch.int32)
-        args = (c, self.w_uk.to(c.dtype), self.w_uv.to(c.dtype), ranges, k_r)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-            return reference.lowrank_decompress(*args)
-        return lowrank_decompress(*args)
+        return lowrank_decompress(c, self.w_uk.to(c.dtype), self.w_uv.to(c.dtype), ranges, k_r)
 
     @classmethod
     def from_dense(cls, w_k: torch.Tensor | nn.Linear, w_v: torch.Tensor | nn.Linear, rank: int,

@@ -1,0 +1,119 @@
+"""Until the kernels have backward passes (issue #14), an op whose inputs require grad runs on a
+backend autograd can differentiate (``torch``, else ``reference``), so a gradient is never
+silently missing; a kernel backend forced for such inputs refuses with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vidstream
+from vidstream import backend
+
+RANGES = [[0, 3], [5, 9]]
+
+
+def _leaves(*shapes, dtype):
+    return [torch.randn(*s, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def _rope3d(dtype):
+    (x,) = _leaves((1, 8, 2, 8), dtype=dtype)
+    return [x], lambda: vidstream.rope3d(x, grid=(2, 2, 2), frame_offset=1.5)
+
+
+def _chunk(dtype):
+    q, k, v = _leaves((1, 12, 2, 8), (1, 12, 1, 8), (1, 12, 1, 6), dtype=dtype)
+    return [q, k, v], lambda: vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=2,
+                                                        sink_frames=1, window_frames=4)
+
+
+def _cached(dtype):
+    q, kp, vp = _leaves((1, 5, 2, 8), (1, 12, 1, 8), (1, 12, 1, 6), dtype=dtype)
+    return [q, kp, vp], lambda: vidstream.cached_attention(q, kp, vp, RANGES)
+
+
+def _decompress(dtype):
+    c, wuk, wuv, kr = _leaves((1, 12, 6), (2, 6, 4), (2, 6, 5), (1, 12, 4), dtype=dtype)
+    return [c, wuk, wuv, kr], lambda: torch.cat(
+        [t.flatten() for t in vidstream.lowrank_decompress(c, wuk, wuv, RANGES, k_r_pool=kr)])
+
+
+def _lowrank_attention(dtype):
+    q, c, wuk, wuv, kr = _leaves((1, 5, 2, 8), (1, 12, 6), (2, 6, 4), (2, 6, 5), (1, 12, 4),
+                                 dtype=dtype)
+    return [q, c, wuk, wuv, kr], lambda: vidstream.lowrank_cached_attention(
+        q, c, wuk, wuv, RANGES, k_r_pool=kr)
+
+
+def _shift(dtype):
+    (base,) = _leaves((1, 12, 2, 8), dtype=dtype)
+
+    def run():
+        pool = base * 1.0  # a non-leaf: autograd records the in-place rotation on it
+        return vidstream.rope3d_shift_(pool, RANGES, [1.0, -2.5])
+    return [base], run
+
+
+def _store(dtype):
+    k, v = _leaves((1, 4, 1, 8), (1, 4, 1, 6), dtype=dtype)
+
+    def run():
+        kp = torch.zeros(1, 12, 1, 8, dtype=dtype)
+        vp = torch.zeros(1, 12, 1, 6, dtype=dtype)
+        vidstream.rope3d_store_(kp, vp, k, v, [2], [3.0], grid=(1, 2, 2))
+        return torch.cat([kp.flatten(), vp.flatten()])
+    return [k, v], run
+
+
+CASES = {"rope3d": _rope3d, "chunk_attention": _chunk, "cached_attention": _cached,
+         "lowrank_decompress": _decompress, "lowrank_cached_attention": _lowrank_attention,
+         "rope3d_shift_": _shift, "rope3d_store_": _store}
+
+
+def _grads(make, dtype, backend_name=None):
+    torch.manual_seed(0)
+    leaves, run = make(dtype)
+    ctx = vidstream.use_backend(backend_name) if backend_name else _nullcontext()
+    with ctx:
+        out = run()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64).to(out.dtype)
+    (out * weights).sum().backward()
+    return [t.grad for t in leaves]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_default_gives_the_gradient(op):
+    """float32 CPU inputs that require grad: the default (the C++ kernel without grad) gives way
+    to a differentiable backend, whose gradients match float64 autograd of the reference."""
+    got = _grads(CASES[op], torch.float32)
+    want = _grads(CASES[op], torch.float64, "reference")
+    assert all(g is not None for g in got), op
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_without_grad_the_kernel_still_runs(op):
+    x = torch.randn(1, 4, 2, 8)
+    assert backend.op(op).resolve_name(x, grad=False) == "cpu"
+    assert backend.op(op).resolve_name(x, grad=True) in backend.DIFFERENTIABLE
+    with torch.no_grad():
+        assert not backend.needs_grad(x.requires_grad_())
+
+
+def test_forced_kernel_backend_refuses_inputs_that_require_grad():
+    q, k, v = _leaves((1, 4, 2, 8), (1, 4, 1, 8), (1, 4, 1, 8), dtype=torch.float32)
+    with vidstream.use_backend("cpu"), pytest.raises(ValueError, match="no backward"):
+        vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=1)
+    with vidstream.use_backend("cpu"), torch.no_grad():
+        vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=1)  # inference is fine
