@@ -35,3 +35,12 @@ def _seed():
 
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"inputs drawn with VIDSTREAM_TEST_SEED={SESSION_SEED}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add synchronisation, and the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -684,16 +684,27 @@ def test_nan_inf_attention(op, backend):
     examples(backend, 10, 6, lambda data: _nan_inf_attention(op, backend, data))
 
 
+KINDS = ["nan", "+inf", "-inf"]
+
+
+def draw_poison(data, kw, names, kinds=lambda where: KINDS):
+    """(argument, element, "nan" | "+inf" | "-inf") to poison, or None for an empty tensor."""
+    where = data.draw(st.sampled_from(names), label="where")
+    t = kw[where]
+    if t.numel() == 0:
+        return None
+    pos = tuple(data.draw(st.integers(0, s - 1), label=f"pos{i}") for i, s in enumerate(t.shape))
+    return where, pos, data.draw(st.sampled_from(kinds(where)), label="kind")
+
+
 def _nan_inf_attention(op, backend, data):
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     require(backend, op, "cpu", dtype)
     kw, names, _ = draw_case(op, data, backend, dtype)
-    where = data.draw(st.sampled_from(names), label="where")
-    t = kw[where]
-    if t.numel() == 0:
+    drawn = draw_poison(data, kw, names)
+    if drawn is None:
         return
-    pos = tuple(data.draw(st.integers(0, s - 1), label=f"pos{i}") for i, s in enumerate(t.shape))
-    kind = data.draw(st.sampled_from(["nan", "+inf", "-inf"]), label="kind")
+    where, pos, kind = drawn
     check_poisoned_attention(op, backend, kw, names, where, pos, kind)
 
 
@@ -820,12 +831,10 @@ def _nan_inf_lowrank(op, backend, data):
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     require(backend, op, "cpu", dtype)
     kw, names, _ = draw_case(op, data, backend, dtype)
-    where = data.draw(st.sampled_from(names), label="where")
-    t = kw[where]
-    if t.numel() == 0:
+    drawn = draw_poison(data, kw, names, kinds=lambda where: KINDS if where == "q" else ["nan"])
+    if drawn is None:
         return
-    pos = tuple(data.draw(st.integers(0, s - 1), label=f"pos{i}") for i, s in enumerate(t.shape))
-    kind = data.draw(st.sampled_from(["nan", "+inf", "-inf"] if where == "q" else ["nan"]), label="kind")
+    where, pos, kind = drawn
     clean = as_tuple(run(backend, op, **plain(kw, names)))
     poisoned = plain(kw, names)
     poisoned[where][pos] = poison_value(kind)
@@ -855,12 +864,10 @@ def _nan_inf_rope(op, backend, data):
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
     require(backend, op, "cpu", dtype)
     kw, names, inplace = draw_case(op, data, backend, dtype)
-    where = data.draw(st.sampled_from(names), label="where")
-    t = kw[where]
-    if t.numel() == 0:
+    drawn = draw_poison(data, kw, names)
+    if drawn is None:
         return
-    pos = tuple(data.draw(st.integers(0, s - 1), label=f"pos{i}") for i, s in enumerate(t.shape))
-    kind = data.draw(st.sampled_from(["nan", "+inf", "-inf"]), label="kind")
+    where, pos, kind = drawn
     val = poison_value(kind)
     clean = outputs(op, backend, plain(kw, names), inplace)
     poisoned = plain(kw, names)

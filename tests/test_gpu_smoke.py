@@ -31,19 +31,10 @@ from vidstream.ops.rope_math import rope_bands
 from vidstream.streaming import CacheConfig, FullSequenceAttention, StreamingDiT, StreamingKVCache
 from vidstream.streaming.model import PRESETS
 
-pytestmark = pytest.mark.gpu_smoke
+pytestmark = [pytest.mark.gpu_smoke, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("reference", "cpu", "torch", "triton", "cuda")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small shapes: on a CPU, intra-op threads only add synchronisation (as tests/test_streaming.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -20,14 +20,7 @@ from vidstream.streaming.generator import warp_timesteps
 from vidstream.streaming.model import PRESETS
 from vidstream.streaming.naive_cache import NaiveKVCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add synchronisation, and the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(**over):
