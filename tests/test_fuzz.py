@@ -687,24 +687,27 @@ def test_nan_inf_attention(op, backend):
 KINDS = ["nan", "+inf", "-inf"]
 
 
-def draw_poison(data, kw, names, kinds=lambda where: KINDS):
-    """(argument, element, "nan" | "+inf" | "-inf") to poison, or None for an empty tensor."""
+def draw_poisoned_case(op, backend, data, kinds=lambda where: KINDS):
+    """A case of ``op`` in a dtype ``backend`` runs here, and the argument, element and
+    "nan" | "+inf" | "-inf" to poison: (dtype, kw, names, inplace, where, pos, kind), or None
+    when the drawn tensor is empty."""
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
+    require(backend, op, "cpu", dtype)
+    kw, names, inplace = draw_case(op, data, backend, dtype)
     where = data.draw(st.sampled_from(names), label="where")
     t = kw[where]
     if t.numel() == 0:
         return None
     pos = tuple(data.draw(st.integers(0, s - 1), label=f"pos{i}") for i, s in enumerate(t.shape))
-    return where, pos, data.draw(st.sampled_from(kinds(where)), label="kind")
+    kind = data.draw(st.sampled_from(kinds(where)), label="kind")
+    return dtype, kw, names, inplace, where, pos, kind
 
 
 def _nan_inf_attention(op, backend, data):
-    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
-    require(backend, op, "cpu", dtype)
-    kw, names, _ = draw_case(op, data, backend, dtype)
-    drawn = draw_poison(data, kw, names)
+    drawn = draw_poisoned_case(op, backend, data)
     if drawn is None:
         return
-    where, pos, kind = drawn
+    _, kw, names, _, where, pos, kind = drawn
     check_poisoned_attention(op, backend, kw, names, where, pos, kind)
 
 
@@ -828,13 +831,10 @@ def test_nan_inf_lowrank(op, backend):
 
 
 def _nan_inf_lowrank(op, backend, data):
-    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
-    require(backend, op, "cpu", dtype)
-    kw, names, _ = draw_case(op, data, backend, dtype)
-    drawn = draw_poison(data, kw, names, kinds=lambda where: KINDS if where == "q" else ["nan"])
+    drawn = draw_poisoned_case(op, backend, data, kinds=lambda where: KINDS if where == "q" else ["nan"])
     if drawn is None:
         return
-    where, pos, kind = drawn
+    dtype, kw, names, _, where, pos, kind = drawn
     clean = as_tuple(run(backend, op, **plain(kw, names)))
     poisoned = plain(kw, names)
     poisoned[where][pos] = poison_value(kind)
@@ -861,13 +861,10 @@ def test_nan_inf_rope(op, backend):
 
 
 def _nan_inf_rope(op, backend, data):
-    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
-    require(backend, op, "cpu", dtype)
-    kw, names, inplace = draw_case(op, data, backend, dtype)
-    drawn = draw_poison(data, kw, names)
+    drawn = draw_poisoned_case(op, backend, data)
     if drawn is None:
         return
-    where, pos, kind = drawn
+    dtype, kw, names, inplace, where, pos, kind = drawn
     val = poison_value(kind)
     clean = outputs(op, backend, plain(kw, names), inplace)
     poisoned = plain(kw, names)
