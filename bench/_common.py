@@ -7,11 +7,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
+
+from vidstream._git import head_commit
 
 
 def add_size_options(parser):
@@ -71,21 +72,6 @@ def _vidstream_version() -> str:
     return vidstream.__version__
 
 
-def _git_commit() -> str | None:
-    """The commit measured, with "+dirty" when the tree has uncommitted changes."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("VIDSTREAM_COMMIT")
-    if head.returncode != 0:
-        return os.environ.get("VIDSTREAM_COMMIT")
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def environment(device) -> dict:
     dev = torch.device(device)
     info = {
@@ -96,7 +82,7 @@ def environment(device) -> dict:
         "host": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "vidstream": _vidstream_version(),
-        "commit": _git_commit(),
+        "commit": head_commit(mark_dirty=True),
     }
     try:
         import triton

@@ -274,12 +274,13 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, nu
 
 # One autotuner per precision (keyed by whether the inputs are float32): each tries only the
 # tiles that fit its precision.
-_TUNED_CHUNK = {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
-                                      key=["D", "DV", "HAS_WINDOW"])(_chunk_attention_kernel)
-                for ieee in (False, True)}
-_TUNED_CACHED = {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
-                                       key=["D", "DV"])(_cached_attention_kernel)
-                 for ieee in (False, True)}
+def _tuned(kernel, key: list) -> dict:
+    return {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
+                                  key=key)(kernel) for ieee in (False, True)}
+
+
+_TUNED_CHUNK = _tuned(_chunk_attention_kernel, ["D", "DV", "HAS_WINDOW"])
+_TUNED_CACHED = _tuned(_cached_attention_kernel, ["D", "DV"])
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,14 @@ NAMES = ("reference", "cpu", "triton", "cuda", "torch")
 DIFFERENTIABLE = ("reference", "torch")
 
 
+# Order in which validated GPU backends are preferred for CUDA tensors.
+_GPU_PREFERENCE = ("cuda", "triton")
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want a gradient through an op of these inputs."""
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-# Order in which validated GPU backends are preferred for CUDA tensors.
-_GPU_PREFERENCE = ("cuda", "triton")
 
 
 def _check_name(name: str, where: str) -> str:
@@ -57,14 +59,13 @@ def _logging() -> bool:
     return not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG)
 
 
-def _log_choice(op_name: str, x: torch.Tensor, backend: str, how: str) -> None:
+def _log_choice(op_name: str, x: torch.Tensor, backend: str, why: str) -> None:
     """Debug-log the backend ``op_name`` resolved to, once per op, device type, dtype and backend."""
     key = (op_name, x.device.type, x.dtype, backend)
     if key not in _logged:
         _logged.add(key)
         _log.debug("vidstream.%s on %s %s tensors runs on the %s backend (%s)", op_name,
-                   x.device.type, str(x.dtype).removeprefix("torch."), backend,
-                   "forced by use_backend / VIDSTREAM_BACKEND" if how == "forced" else "the default")
+                   x.device.type, str(x.dtype).removeprefix("torch."), backend, why)
 
 
 _env_backend = os.environ.get("VIDSTREAM_BACKEND") or None
@@ -143,13 +144,13 @@ class Op:
         chosen = forced()
         if chosen is None:
             name = self.default_name(x)
+            why = "the default"
             if grad and name not in DIFFERENTIABLE:
                 # The kernels have no backward yet: a result without a gradient would be a
                 # silent wrong answer, so the op runs on PyTorch's own ops instead.
-                name = "torch" if "torch" in self.impls and usable(
-                    "torch", self.name, x.device, x.dtype) is None else "reference"
+                name, why = self._torch_or_reference(x.device, x.dtype), "gradients needed"
             if _logging():
-                _log_choice(self.name, x, name, "default, gradients needed" if grad else "default")
+                _log_choice(self.name, x, name, why)
             return name
         why = "it has no kernel for this op" if chosen not in self.impls else (
             usable(chosen, self.name, x.device, x.dtype) or self.impls[chosen].refuses(x))
@@ -163,7 +164,7 @@ class Op:
                 f"backend {chosen!r} cannot run vidstream.{self.name} on {x.dtype} {x.device.type} "
                 f"tensors: {why}. Available for these inputs: {avail}")
         if _logging():
-            _log_choice(self.name, x, chosen, "forced")
+            _log_choice(self.name, x, chosen, "forced by use_backend / VIDSTREAM_BACKEND")
         return chosen
 
     def resolve(self, x: torch.Tensor, grad: bool = False) -> Callable:
@@ -185,6 +186,11 @@ class Op:
             if name in self.impls and validated(self.name, name, dtype, arch) and usable(
                     name, self.name, device, dtype) is None and self.impls[name].refuses(x) is None:
                 return name
+        return self._torch_or_reference(device, dtype)
+
+    def _torch_or_reference(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The fallback composed of PyTorch's own ops: ``torch`` where it can run, else the
+        eager reference."""
         if "torch" in self.impls and usable("torch", self.name, device, dtype) is None:
             return "torch"
         return "reference"

@@ -20,13 +20,13 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from ._git import head_commit
 
 PACKAGE = Path(__file__).resolve().parent
 RECORD_PATH = PACKAGE / "validated.json"
@@ -218,18 +218,6 @@ def explain(op: str, backend: str, dtype, arch: str | None, *, record: dict | No
 # ----------------------------------------------------------------------------- command line
 
 
-def _git_commit() -> str:
-    # A copy of the tree without .git (a lent GPU machine gets one) names its commit here.
-    if os.environ.get("VIDSTREAM_COMMIT"):
-        return os.environ["VIDSTREAM_COMMIT"]
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                           cwd=PACKAGE.parent, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return r.stdout.strip() if r.returncode == 0 else "unknown"
-
-
 def _here(flag: str | None, found: str | None, what: str) -> str:
     """The GPU's own value when there is one (it wins over a flag), else the flag."""
     if found is None:
@@ -264,7 +252,7 @@ def record_passed(passed: str, command: str, out: str, arch: str | None = None,
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise SystemExit(f"--arch must look like sm_90, got {arch!r}")
     device_name = _here(device_name, torch.cuda.get_device_name() if gpu else None, "device-name")
-    commit = _git_commit()
+    commit = head_commit() or "unknown"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     new = {}  # a triple listed twice is one entry
     for op, backend, dtype in _passed_triples(passed):

@@ -160,8 +160,7 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     H, H_kv = q.shape[2], k_pool.shape[2]
     heads_t = torch.tensor(heads, device=q.device)
     kv_t = heads_t // (H // H_kv)
-    # A stride past the sequence samples query 0 alone; bounded, so the slice cannot overflow.
-    qs = q[:, ::min(query_stride, max(q.shape[1], 1))][:, :, heads_t]  # [B, S, Hs, D]
+    qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D] (stride bounded by the check)
     if score == "mean" and key_sums is not None:
         ksum = key_sums[:, :, kv_t].to(q.dtype)  # [B, M, Hs, D]
         s = (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
@@ -300,8 +299,7 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
     heads_t = torch.arange(heads[0], heads[0] + len(heads), device=dev) if run else torch.tensor(
         heads, device=dev)
     kv_t = heads_t // (H // H_kv)  # the kv head of every scored query head
-    # A stride past the sequence samples query 0 alone: bounded, so the slice cannot overflow.
-    qs = q[:, ::min(query_stride, max(q.shape[1], 1))].index_select(2, heads_t)  # [B, S, Hs, D]
+    qs = q[:, ::query_stride].index_select(2, heads_t)  # [B, S, Hs, D] (stride bounded by the check)
     if score == "mean":
         # sum_i q_i . sum_j k_j: the sampled queries and each block's keys are summed first, in
         # float64 (as the C++ and Triton kernels do): the sums are larger than the score, and
