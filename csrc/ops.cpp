@@ -10,7 +10,7 @@ TORCH_LIBRARY(vidstream, m) {
   // docs/spec.md §3: 3D RoPE (Wan2.1 layout), out of place.
   m.def(
       "rope3d(Tensor x, int frames, int height, int width, float frame_offset=0., "
-      "float theta=10000., Tensor? t_theta=None) -> Tensor");
+      "float theta=10000., Tensor? t_theta=None, bool inverse=False) -> Tensor");
   // docs/spec.md §3: in-place temporal re-rotation of token ranges of a pool. Returns nothing
   // so functionalization can treat it as a plain mutation.
   m.def(
@@ -24,9 +24,24 @@ TORCH_LIBRARY(vidstream, m) {
       "chunk_attention(Tensor q, Tensor k, Tensor v, int frame_tokens, int chunk_frames, "
       "int sink_frames, int? window_frames, float scale) -> (Tensor out, Tensor lse)");
   // docs/spec.md §2: one chunk's queries against the union of token ranges [R, 2] of a KV pool.
+  // kv_deltas (float64 [R], on q's device, None: all 0) moves every key of range r by
+  // kv_deltas[r] frames in time as rope3d_shift_ would (theta, t_theta as for rope3d), inside
+  // the kernel: the pool is never written.
   m.def(
-      "cached_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor kv_ranges, float scale) "
+      "cached_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor kv_ranges, float scale, "
+      "Tensor? kv_deltas=None, float theta=10000., Tensor? t_theta=None) "
       "-> (Tensor out, Tensor lse)");
+  // Backward of chunk_attention from its saved out and lse (never forms L x L).
+  m.def(
+      "chunk_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int frame_tokens, int chunk_frames, int sink_frames, int? window_frames, "
+      "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Backward of cached_attention: dk_pool and dv_pool are zero outside kv_ranges; with
+  // kv_deltas, dk_pool is the gradient of the stored (unshifted) keys.
+  m.def(
+      "cached_attention_backward(Tensor dout, Tensor q, Tensor k_pool, Tensor v_pool, "
+      "Tensor out, Tensor lse, Tensor kv_ranges, float scale, Tensor? kv_deltas=None, "
+      "float theta=10000., Tensor? t_theta=None) -> (Tensor dq, Tensor dk_pool, Tensor dv_pool)");
 
   // docs/spec.md §4: low-rank latent KV. num_tokens (the token count of kv_ranges, known to the
   // caller) makes K/V's shape computable without reading the ranges.
@@ -38,15 +53,16 @@ TORCH_LIBRARY(vidstream, m) {
   // the queries, w_uv applied to the output).
   m.def(
       "lowrank_cached_attention(Tensor q, Tensor c_pool, Tensor w_uk, Tensor w_uv, "
-      "Tensor kv_ranges, Tensor? k_r_pool=None, float scale=1., bool absorb=False) "
-      "-> (Tensor, Tensor)");
+      "Tensor kv_ranges, Tensor? k_r_pool=None, float scale=1., bool absorb=False, "
+      "Tensor? kv_deltas=None, float theta=10000.) -> (Tensor, Tensor)");
 
   // docs/spec.md §5: top-k mid-block selection. Returns (scores float32 [M], indices int64
   // [min(k, M)] ascending); heads are query heads, block_key_sums [B, M, H_kv, D] replaces
   // the keys' block sums under score "mean".
   m.def(
       "select_blocks(Tensor q, Tensor k_pool, Tensor block_ranges, int k, int query_stride, "
-      "int[] heads, str score, float scale, Tensor? block_key_sums=None) -> (Tensor, Tensor)");
+      "int[] heads, str score, float scale, Tensor? block_key_sums=None, "
+      "Tensor? block_deltas=None, float theta=10000., Tensor? t_theta=None) -> (Tensor, Tensor)");
 
   // docs/spec.md §6: streaming cache helpers (schemas added by the streaming work).
   // Rotates k [B, L, H_kv, D] (grid F x height x width, frame f at temporal position

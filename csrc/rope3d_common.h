@@ -58,6 +58,12 @@ inline Rope3dTables rope3d_tables(int64_t frames, int64_t height, int64_t width,
   return {cos_sin_table(ang_t), cos_sin_table(ang_h), cos_sin_table(ang_w)};
 }
 
+// The inverse rotation (rope3d's backward, rope3d(..., inverse=True)): every angle negated.
+inline Rope3dTables inverse_tables(Rope3dTables t) {
+  for (at::Tensor* x : {&t.temporal, &t.height, &t.width}) x->select(-1, 1).neg_();
+  return t;
+}
+
 // [R, Ht, c_t, 2] table of the temporal rotation by positions[r] (float64 host values): the
 // re-rotation of rope3d_shift_ by delta_frames, and rope3d_store_'s rotation at frame_pos,
 // which so rotates at positions a + t exactly like rope3d with frame_offset a.

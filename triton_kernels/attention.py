@@ -333,8 +333,13 @@ def _(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale):
 
 @triton_op("vidstream::cached_attention_triton", mutates_args=())
 def cached_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                            kv_ranges: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kv_ranges``: int32 [R, 2] on q's device, already checked (in bounds, disjoint)."""
+                            kv_ranges: torch.Tensor, scale: float,
+                            kv_deltas: torch.Tensor | None = None, theta: float = 10000.0,
+                            t_theta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_ranges``: int32 [R, 2] on q's device, already checked (in bounds, disjoint);
+    ``kv_deltas``: float64 [R] host values or None."""
+    if kv_deltas is not None:
+        raise NotImplementedError("cached_attention: kv_deltas is not implemented on triton yet")
     q, k, v = _inner(q), _inner(k_pool), _inner(v_pool)
     out, lse = _outputs(q, v)
     B, Lq, H, _ = q.shape

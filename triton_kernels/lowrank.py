@@ -166,7 +166,8 @@ def lowrank_latent_attention_triton(q_lat: torch.Tensor, q_lat_lo: Optional[torc
                                     q_r: Optional[torch.Tensor],
                                     c_pool: torch.Tensor, k_r_pool: Optional[torch.Tensor],
                                     token_idx: torch.Tensor,
-                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                    scale: float, token_deltas: Optional[torch.Tensor] = None,
+                                    theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the latent queries q_lat [B, R, d_c] (and q_r [B, R, d_r]) over the tokens
     token_idx [N >= 1] of the latent pool: keys concat(c, k_r), values c. Returns the float32
     latent output [B, R, d_c] and the float32 natural-log lse [B, R].
@@ -175,6 +176,9 @@ def lowrank_latent_attention_triton(q_lat: torch.Tensor, q_lat_lo: Optional[torc
     formed here, not an input, and rounding it once to 16 bits shifts every score of a query
     the same way, which the log-sum-exp does not average out (measured: up to 2.5x the error of
     eager PyTorch); hi + lo restores float32 accuracy for one more d_c-wide product per tile."""
+    if token_deltas is not None:
+        raise NotImplementedError("lowrank_cached_attention: kv_deltas is not implemented on "
+                                  "triton yet")
     B, R, d_c = q_lat.shape
     d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
     o = torch.empty((B, R, d_c), dtype=torch.float32, device=q_lat.device)

@@ -125,7 +125,11 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
 @triton_op("vidstream::select_blocks_triton", mutates_args=())
 def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: torch.Tensor,
                          k: int, query_stride: int, heads: List[int], score: str, scale: float,
-                         block_key_sums: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_key_sums: Optional[torch.Tensor],
+                         block_deltas: Optional[torch.Tensor] = None, theta: float = 10000.0,
+                         t_theta: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    if block_deltas is not None:
+        raise NotImplementedError("select_blocks: block_deltas is not implemented on triton yet")
     B, Lq, H, D = q.shape
     M = block_ranges.shape[0]
     dev = q.device

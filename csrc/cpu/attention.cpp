@@ -136,8 +136,10 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(
 
 std::tuple<at::Tensor, at::Tensor> cached_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_ranges,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& kv_deltas, double theta,
+    const std::optional<at::Tensor>& t_theta) {
   check_attention_qkv(q, k, v, "k_pool", "v_pool", at::kCPU);
+  TORCH_CHECK(!kv_deltas, "cached_attention: kv_deltas is not implemented on this backend yet");
   const auto ranges = sorted_nonempty(read_ranges(kv_ranges, k.size(1), "kv_ranges", q));
   return attend(q, k, v, scale, {{0, q.size(1), 0}}, {ranges});
 }

@@ -239,7 +239,9 @@ bool tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     const at::Tensor& q, const at::Tensor& c_pool, const at::Tensor& w_uk, const at::Tensor& w_uv,
     const at::Tensor& kv_ranges, const std::optional<at::Tensor>& k_r_pool, double scale,
-    bool absorb) {
+    bool absorb, const std::optional<at::Tensor>& kv_deltas, double theta) {
+  TORCH_CHECK(!kv_deltas,
+              "lowrank_cached_attention: kv_deltas is not implemented on this backend yet");
   const std::vector<int32_t> idx = lowrank_tokens(c_pool, w_uk, w_uv, kv_ranges, k_r_pool);
   check_lowrank_query(q, c_pool, w_uk, k_r_pool);
   const LowRankDims d = lowrank_dims(c_pool, w_uk, w_uv, k_r_pool);

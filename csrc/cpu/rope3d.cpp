@@ -50,12 +50,14 @@ struct IsaKernels {
 #include "cpu/isa_dispatch.h"
 
 at::Tensor rope3d_cpu(const at::Tensor& x, int64_t frames, int64_t height, int64_t width,
-                      double frame_offset, double theta, const std::optional<at::Tensor>& t_theta) {
+                      double frame_offset, double theta, const std::optional<at::Tensor>& t_theta,
+                      bool inverse) {
   check_rope3d_args(x, frames, height, width, t_theta, at::kCPU);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const Rope3dTables tab =
+  const Rope3dTables fwd =
       rope3d_tables(frames, height, width, frame_offset, theta, t_theta, x.size(3), x.device());
+  const Rope3dTables tab = inverse ? inverse_tables(fwd) : fwd;
   const Rope3dRows a{x.scalar_type(), x.data_ptr(), out.data_ptr(),
                      x.size(1), x.size(2), x.size(3), height, width,
                      x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),

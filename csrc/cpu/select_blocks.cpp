@@ -200,7 +200,9 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
 std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& block_ranges, int64_t k,
     int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
-    const std::optional<at::Tensor>& block_key_sums) {
+    const std::optional<at::Tensor>& block_key_sums, const std::optional<at::Tensor>& block_deltas,
+    double theta, const std::optional<at::Tensor>& t_theta) {
+  TORCH_CHECK(!block_deltas, "select_blocks: block_deltas is not implemented on this backend yet");
   check_select_blocks_args(q_in, k_in, k, query_stride, heads, at::kCPU);
   const std::vector<TokenRange> ranges =
       read_ranges(block_ranges, k_in.size(1), "block_ranges", q_in);

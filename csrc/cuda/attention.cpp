@@ -73,8 +73,10 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cuda(
 
 std::tuple<at::Tensor, at::Tensor> cached_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_ranges,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& kv_deltas, double theta,
+    const std::optional<at::Tensor>& t_theta) {
   check_attention_qkv(q, k, v, "k_pool", "v_pool", at::kCUDA);
+  TORCH_CHECK(!kv_deltas, "cached_attention: kv_deltas is not implemented on this backend yet");
   check_cuda_serves(q, v);
   const at::Tensor ranges = ranges_tensor(kv_ranges, k.size(1), "kv_ranges", q);
   return attend(q, k, v, scale, &launch_cached_attention, "cached_attention",

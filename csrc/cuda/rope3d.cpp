@@ -13,14 +13,16 @@ namespace vidstream {
 namespace {
 
 at::Tensor rope3d_cuda(const at::Tensor& x_in, int64_t frames, int64_t height, int64_t width,
-                       double frame_offset, double theta, const std::optional<at::Tensor>& t_theta) {
+                       double frame_offset, double theta, const std::optional<at::Tensor>& t_theta,
+                       bool inverse) {
   check_rope3d_args(x_in, frames, height, width, t_theta, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = aligned_rows(x_in, 2);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
-  const Rope3dTables tab =
+  const Rope3dTables fwd =
       rope3d_tables(frames, height, width, frame_offset, theta, t_theta, x.size(3), x.device());
+  const Rope3dTables tab = inverse ? inverse_tables(fwd) : fwd;
   Rope3dParams p{};
   p.x = x.data_ptr();
   p.out = out.data_ptr();

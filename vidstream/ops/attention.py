@@ -85,20 +85,29 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk
     return CHUNK_ATTENTION.resolve(q, grad)(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
+# Per-range temporal offsets in frames: a number for every range, R numbers, or a float tensor [R].
+DeltasLike = Union[float, Sequence, Tensor, None]
+
+
 @overload
 def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     kv_deltas: DeltasLike = ..., theta: float = ..., t_theta: Tensor | None = ...,
                      scale: float | None = ..., return_lse: Literal[False] = ...) -> Tensor: ...
 @overload
 def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     kv_deltas: DeltasLike = ..., theta: float = ..., t_theta: Tensor | None = ...,
                      scale: float | None = ...,
                      return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
 @overload
 def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
+                     kv_deltas: DeltasLike = ..., theta: float = ..., t_theta: Tensor | None = ...,
                      scale: float | None = ..., return_lse: bool = ...) -> AttentionResult: ...
 
 
 def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: RangesLike, *,
-                     scale: float | None = None, return_lse: bool = False) -> AttentionResult:
+                     kv_deltas: DeltasLike = None, theta: float = 10000.0,
+                     t_theta: Tensor | None = None, scale: float | None = None,
+                     return_lse: bool = False) -> AttentionResult:
     """One chunk's queries against the union of token ranges of a preallocated K/V pool.
 
     Every query attends every key whose pool index lies in one of the half-open ranges
@@ -114,6 +123,13 @@ def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: Range
         kv_ranges: ``[R, 2]`` token ranges as an int tensor, a list of ``(start, end)`` pairs or
             prepared ``vidstream.TokenRanges`` (trusted, not read back to the host: for CUDA
             graphs). In bounds, pairwise disjoint, any order; empty ranges allowed.
+        kv_deltas: None, or per-range temporal offsets in frames (a number for every range, or
+            ``R`` finite numbers, fractional and negative allowed): every key of range ``r`` is
+            read as if ``rope3d_shift_``-ed by ``kv_deltas[r]`` frames (positions as metadata:
+            the pool is never written). ``cached_attention(q, k, v, r, kv_deltas=d)`` equals
+            ``cached_attention(q, rope3d_shift_(k.clone(), r, d), v, r)`` up to rounding.
+        theta, t_theta: the RoPE of the keys, as given to ``rope3d`` (read only with
+            ``kv_deltas``; ``t_theta`` per kv head ``[H_kv]``).
         scale: softmax scale; default ``D ** -0.5``.
         return_lse: also return the natural-log log-sum-exp of the scores.
 
@@ -124,10 +140,14 @@ def cached_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, kv_ranges: Range
     Raises ``ValueError`` naming the argument for inputs outside these rules. The definition and
     an example of the bounded cache's ranges: docs/spec.md §2."""
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
+    deltas = range_deltas(kv_deltas, ranges, k_pool, t_theta, theta, "kv_deltas")
     scale = checks.scale_value(scale, q.shape[3])
     q, k_pool, v_pool = (checks.rows_contiguous(t) for t in (q, k_pool, v_pool))
     grad = backend.needs_grad(q, k_pool, v_pool)
-    return CACHED_ATTENTION.resolve(q, grad)(q, k_pool, v_pool, ranges, scale, return_lse)
+    fn = CACHED_ATTENTION.resolve(q, grad)
+    if deltas is None:
+        return fn(q, k_pool, v_pool, ranges, scale, return_lse)
+    return fn(q, k_pool, v_pool, ranges, scale, return_lse, deltas, float(theta), t_theta)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -189,6 +209,21 @@ def bounded_mask_params(frames: int, chunk_frames: int, sink_frames: int,
 def _check_cached_attention(q, k_pool, v_pool, kv_ranges) -> TokenRanges:
     check_qkv(q, k_pool, v_pool, "k_pool", "v_pool")
     return checks.ranges(kv_ranges, k_pool.shape[1], "kv_ranges", q.device)
+
+
+def range_deltas(deltas, ranges: TokenRanges, keys: Tensor, t_theta, theta,
+                 name: str) -> Tensor | None:
+    """Per-range temporal offsets as float64 [R] host values, or None where there are none or
+    all are 0 (then the op is the one without offsets, bit for bit). ``keys`` [B, P, H_kv, D]
+    gives the head count ``t_theta`` must match."""
+    checks.rope_params(theta)
+    checks.t_theta(t_theta, keys.shape[2])
+    if deltas is None:
+        return None
+    out = checks.positions(deltas, len(ranges), name, "R")
+    if not torch.compiler.is_compiling() and not bool(out.any()):
+        return None
+    return out
 
 
 # ----------------------------------------------------------------------------- reference
@@ -291,7 +326,31 @@ def gather_tokens(pool: torch.Tensor, ranges: TokenRanges) -> torch.Tensor:
     return pool.index_select(1, ranges.token_index(pool.device))
 
 
-def cached_attention_eager(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse) -> AttentionResult:
+def shifted_keys(k_pool: Tensor, ranges: TokenRanges, deltas: Tensor, theta, t_theta) -> Tensor:
+    """The keys of ``ranges`` gathered in range order [B, N, H_kv, D], each moved by its range's
+    offset (``deltas`` float64 [R]) as ``rope3d_shift_`` moves it."""
+    return shift_gathered(gather_tokens(k_pool, ranges), ranges, deltas, theta, t_theta)
+
+
+def shift_gathered(k: Tensor, ranges: TokenRanges, deltas: Tensor, theta, t_theta) -> Tensor:
+    """Keys ``k`` [B, N, H_kv, D] gathered from ``ranges`` in range order, each moved by its
+    range's offset: the temporal band rotated in float32 (float64 for float64) from float64
+    angles, rounded once to k's dtype, as ``rope3d_shift_`` does."""
+    from .rope_math import rope_bands, rotate_pairs, temporal_angles
+
+    lengths = torch.tensor([max(e - s, 0) for s, e in ranges._host()], dtype=torch.int64)
+    per_token = deltas.to(torch.float64).repeat_interleave(lengths).to(k.device)
+    c_t = rope_bands(k.shape[3])[0]
+    band = rotate_pairs(k[..., : 2 * c_t], temporal_angles(per_token, c_t, theta, t_theta)[None])
+    return torch.cat([band, k[..., 2 * c_t:]], dim=-1)
+
+
+def cached_attention_eager(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse,
+                           deltas=None, theta=10000.0, t_theta=None) -> AttentionResult:
+    if deltas is not None:  # the definition: shift a copy of the pool, then attend
+        from .rope3d import rope3d_shift_eager_
+
+        k_pool = rope3d_shift_eager_(k_pool.clone(), ranges, deltas, theta, t_theta)
     keep = ranges.membership(k_pool.shape[1], q.device).any(dim=0)
     return dense_attention(q, k_pool, v_pool, scale, return_lse, keep)
 
@@ -304,12 +363,14 @@ def chunk_attention_reference(q, k, v, *, frame_tokens, chunk_frames, sink_frame
     return chunk_attention_eager(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
-def cached_attention_reference(q, k_pool, v_pool, kv_ranges, *, scale=None,
-                               return_lse=False) -> AttentionResult:
+def cached_attention_reference(q, k_pool, v_pool, kv_ranges, *, kv_deltas=None, theta=10000.0,
+                               t_theta=None, scale=None, return_lse=False) -> AttentionResult:
     """``cached_attention`` computed eagerly (the oracle)."""
     ranges = _check_cached_attention(q, k_pool, v_pool, kv_ranges)
+    deltas = range_deltas(kv_deltas, ranges, k_pool, t_theta, theta, "kv_deltas")
     scale = checks.scale_value(scale, q.shape[3])
-    return cached_attention_eager(q, k_pool, v_pool, ranges, scale, return_lse)
+    return cached_attention_eager(q, k_pool, v_pool, ranges, scale, return_lse, deltas, theta,
+                                  t_theta)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -326,8 +387,10 @@ def _chunk_attention_native(q, k, v, frame_tokens, chunk_frames, sink_frames, wi
     return _pick(out, lse, return_lse)
 
 
-def _cached_attention_native(q, k_pool, v_pool, ranges, scale, return_lse):
-    out, lse = torch.ops.vidstream.cached_attention(q, k_pool, v_pool, ranges.tensor, float(scale))
+def _cached_attention_native(q, k_pool, v_pool, ranges, scale, return_lse, deltas=None,
+                             theta=10000.0, t_theta=None):
+    out, lse = torch.ops.vidstream.cached_attention(q, k_pool, v_pool, ranges.tensor, float(scale),
+                                                    deltas, float(theta), t_theta)
     return _pick(out, lse, return_lse)
 
 
@@ -340,10 +403,12 @@ def _chunk_attention_triton(q, k, v, frame_tokens, chunk_frames, sink_frames, wi
     return _pick(out, lse, return_lse)
 
 
-def _cached_attention_triton(q, k_pool, v_pool, ranges, scale, return_lse):
+def _cached_attention_triton(q, k_pool, v_pool, ranges, scale, return_lse, deltas=None,
+                             theta=10000.0, t_theta=None):
     from ..triton_kernels import attention as kernels
 
-    out, lse = kernels.cached_attention_triton(q, k_pool, v_pool, ranges.tensor, float(scale))
+    out, lse = kernels.cached_attention_triton(q, k_pool, v_pool, ranges.tensor, float(scale),
+                                               deltas, float(theta), t_theta)
     return _pick(out, lse, return_lse)
 
 
@@ -358,7 +423,8 @@ def _chunk_attention_fake(q, k, v, frame_tokens, chunk_frames, sink_frames, wind
 
 
 @_extension.register_fake("cached_attention")
-def _cached_attention_fake(q, k_pool, v_pool, kv_ranges, scale):
+def _cached_attention_fake(q, k_pool, v_pool, kv_ranges, scale, kv_deltas=None, theta=10000.0,
+                           t_theta=None):
     return _attention_outputs(q, v_pool)
 
 
@@ -537,9 +603,16 @@ def _merged_spans(pairs) -> list:
     return spans
 
 
-def _cached_attention_torch(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse):
+def _cached_attention_torch(q, k_pool, v_pool, ranges: TokenRanges, scale, return_lse,
+                            deltas=None, theta=10000.0, t_theta=None):
     if ranges.pairs is None:  # traced values: no token count on the host, the masked form
-        return cached_attention_eager(q, k_pool, v_pool, ranges, scale, return_lse)
+        return cached_attention_eager(q, k_pool, v_pool, ranges, scale, return_lse, deltas, theta,
+                                      t_theta)
+    if deltas is not None:
+        # The keys are gathered in range order and their temporal band rotated by each one's
+        # range offset (float64 angles, rotated in float32, rounded once as rope3d_shift_ does).
+        k = shifted_keys(k_pool, ranges, deltas, theta, t_theta)
+        return sdpa_attention(q, k, gather_tokens(v_pool, ranges), scale, return_lse)
     spans = _merged_spans(ranges.pairs)
     if len(spans) == 1:
         (s, e), = spans

@@ -35,10 +35,13 @@ from . import checks
 from .attention import (
     CACHED_ATTENTION,
     AttentionResult,
+    DeltasLike,
     RangesLike,
     cached_attention_eager,
     empty_attention,
     gather_tokens,
+    range_deltas,
+    shift_gathered,
 )
 from .metadata import TokenRanges
 
@@ -75,22 +78,26 @@ def lowrank_decompress(c_pool: Tensor, w_uk: Tensor, w_uv: Tensor, kv_ranges: Ra
 @overload
 def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
                              kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             kv_deltas: DeltasLike = ..., theta: float = ...,
                              scale: float | None = ..., return_lse: Literal[False] = ...,
                              strategy: str | None = ...) -> Tensor: ...
 @overload
 def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
                              kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             kv_deltas: DeltasLike = ..., theta: float = ...,
                              scale: float | None = ..., return_lse: Literal[True],
                              strategy: str | None = ...) -> tuple[Tensor, Tensor]: ...
 @overload
 def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
                              kv_ranges: RangesLike, *, k_r_pool: Tensor | None = ...,
+                             kv_deltas: DeltasLike = ..., theta: float = ...,
                              scale: float | None = ..., return_lse: bool = ...,
                              strategy: str | None = ...) -> AttentionResult: ...
 
 
 def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tensor,
                              kv_ranges: RangesLike, *, k_r_pool: Tensor | None = None,
+                             kv_deltas: DeltasLike = None, theta: float = 10000.0,
                              scale: float | None = None, return_lse: bool = False,
                              strategy: str | None = None) -> AttentionResult:
     """``cached_attention`` over a low-rank (latent) KV cache, without keeping its decompressed
@@ -99,6 +106,10 @@ def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tens
     Args:
         q: queries ``[B, Lq, H, d_nope + d_r]`` (``B`` of ``c_pool``, ``H`` of ``w_uk``).
         c_pool, w_uk, w_uv, kv_ranges, k_r_pool: the latent cache, as in ``lowrank_decompress``.
+        kv_deltas, theta: per-range temporal offsets of the RoPE key ``k_r_pool`` (rotated by
+            ``rope3d`` with head dim ``d_r``), as ``kv_deltas`` of ``cached_attention``: the
+            tokens of range ``r`` are read as if their ``k_r`` were ``rope3d_shift_``-ed by
+            ``kv_deltas[r]``. Needs ``k_r_pool`` (the latents carry no position).
         scale: softmax scale; default ``(d_nope + d_r) ** -0.5``.
         return_lse: also return the float32 log-sum-exp ``[B, H, Lq]``.
         strategy: None (chosen per shape), ``"decompress"`` (once per call, then
@@ -111,12 +122,37 @@ def lowrank_cached_attention(q: Tensor, c_pool: Tensor, w_uk: Tensor, w_uv: Tens
         and ``lse = -inf``. Definition: docs/spec.md §4."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     _check_lowrank_query(q, c_pool, w_uk, k_r_pool)
+    deltas = _check_k_r_deltas(kv_deltas, ranges, k_r_pool, theta)
     scale = checks.scale_value(scale, q.shape[3])
     if strategy is not None and strategy not in STRATEGIES:
         checks.fail(f"strategy must be None or one of {', '.join(STRATEGIES)}, got {strategy!r}")
     grad = backend.needs_grad(q, c_pool, w_uk, w_uv, k_r_pool)
-    return LOWRANK_CACHED_ATTENTION.resolve(q, grad)(
-        q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy)
+    fn = LOWRANK_CACHED_ATTENTION.resolve(q, grad)
+    rope = () if deltas is None else (deltas, float(theta))
+    return fn(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy, *rope)
+
+
+def _check_k_r_deltas(kv_deltas, ranges: TokenRanges, k_r_pool, theta) -> Tensor | None:
+    if kv_deltas is not None and k_r_pool is None:
+        checks.fail("kv_deltas moves the RoPE key k_r_pool; without k_r_pool the latents carry "
+                    "no position to move")
+    return range_deltas(kv_deltas, ranges, _as_heads(k_r_pool), None, theta, "kv_deltas") \
+        if kv_deltas is not None else None
+
+
+def _as_heads(k_r: Tensor) -> Tensor:
+    """[B, N, d_r] as keys of one kv head [B, N, 1, d_r] (a view)."""
+    return k_r.unsqueeze(2)
+
+
+def shifted_k_r_pool(k_r_pool: Tensor, ranges: TokenRanges, deltas, theta, shift=None) -> Tensor:
+    """A copy of ``k_r_pool`` with each range moved by its offset (``shift``: a backend's
+    ``rope3d_shift_`` implementation, default the eager one)."""
+    from .rope3d import rope3d_shift_eager_
+
+    out = k_r_pool.clone()
+    (shift or rope3d_shift_eager_)(_as_heads(out), ranges, deltas, theta, None)
+    return out
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -223,7 +259,8 @@ def _absorbed(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, backen
     return (out, res[1]) if return_lse else out
 
 
-def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse):
+def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, deltas=None,
+                     theta=10000.0):
     """Strategy "absorb" with the fused Triton latent attention: the latent tile is read once
     per query block as key and value, for all heads at once."""
     from ..triton_kernels import lowrank as kernels
@@ -240,8 +277,10 @@ def _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse)
     lo = (q_lat - hi.float()).to(q.dtype) if q.dtype != torch.float32 else None
     q_r = (q[..., d_nope:].reshape(B, Lq * H, k_r_pool.shape[2])
            if k_r_pool is not None else None)
+    # Offsets go to the kernel per token (in idx order): it rotates k_r as it loads it.
+    token_deltas = None if deltas is None else _token_deltas(ranges, deltas)
     o_lat, lse = kernels.lowrank_latent_attention_triton(hi, lo, q_r, c_pool, k_r_pool, idx,
-                                                         float(scale))
+                                                         float(scale), token_deltas, float(theta))
     out = torch.einsum("bqhc,hcv->bqhv", o_lat.view(B, Lq, H, w_uk.shape[1]), w_uv.float()).to(q.dtype)
     return (out, lse.view(B, Lq, H).permute(0, 2, 1)) if return_lse else out
 
@@ -262,10 +301,12 @@ def lowrank_decompress_eager(c_pool, w_uk, w_uv, ranges: TokenRanges,
 
 
 def lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse,
-                                   strategy=None) -> AttentionResult:
+                                   strategy=None, deltas=None, theta=10000.0) -> AttentionResult:
     """The definition (any ``strategy`` is the same thing): decompress, then attend. The whole
     pool is decompressed and the ranges select keys by mask, so no token count has to be known on
-    the host (it traces under torch.compile)."""
+    the host (it traces under torch.compile). Offsets move a copy of ``k_r_pool`` first."""
+    if deltas is not None:
+        k_r_pool = shifted_k_r_pool(k_r_pool, ranges, deltas, theta)
     k, v = _decompress_tokens(c_pool, w_uk, w_uv, k_r_pool)
     return cached_attention_eager(q, k, v, ranges, scale, return_lse)
 
@@ -278,13 +319,15 @@ def lowrank_decompress_reference(c_pool, w_uk, w_uv, kv_ranges,
 
 
 def lowrank_cached_attention_reference(q, c_pool, w_uk, w_uv, kv_ranges, *, k_r_pool=None,
-                                       scale=None, return_lse=False) -> AttentionResult:
+                                       kv_deltas=None, theta=10000.0, scale=None,
+                                       return_lse=False) -> AttentionResult:
     """``lowrank_cached_attention`` computed eagerly (the oracle)."""
     ranges = _check_lowrank(c_pool, w_uk, w_uv, kv_ranges, k_r_pool)
     _check_lowrank_query(q, c_pool, w_uk, k_r_pool)
+    deltas = _check_k_r_deltas(kv_deltas, ranges, k_r_pool, theta)
     scale = checks.scale_value(scale, q.shape[3])
     return lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale,
-                                          return_lse)
+                                          return_lse, None, deltas, theta)
 
 
 def _decompress_native(c_pool, w_uk, w_uv, ranges, k_r_pool):
@@ -301,8 +344,15 @@ def _decompress_triton(c_pool, w_uk, w_uv, ranges, k_r_pool):
         c_pool, w_uk, w_uv, ranges.token_index(c_pool.device).to(torch.int32), k_r_pool)
 
 
+def _token_deltas(ranges: TokenRanges, deltas: Tensor) -> Tensor:
+    """float64 [N]: each gathered token's range offset, in range order (host values)."""
+    lengths = torch.tensor([max(e - s, 0) for s, e in ranges._host()], dtype=torch.int64)
+    return deltas.to(torch.float64).repeat_interleave(lengths)
+
+
 def _attention(backend_name: str, decompress):
-    def run(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy):
+    def run(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy, deltas=None,
+            theta=10000.0):
         if strategy is None:
             # Values unknown (tracing a tensor): the pool length bounds the token count.
             tokens = ranges.num_tokens if ranges.pairs is not None else c_pool.shape[1]
@@ -315,14 +365,21 @@ def _attention(backend_name: str, decompress):
             # past the 2x-eager bound. Decompress instead.
             strategy = "decompress"
         if strategy == "decompress" or c_pool.shape[2] == 0:  # no latent to tile or absorb
+            if deltas is not None:  # K is formed anyway: the offsets move a copy of k_r first
+                from .rope3d import ROPE3D_SHIFT
+
+                k_r_pool = shifted_k_r_pool(k_r_pool, ranges, deltas, theta,
+                                            ROPE3D_SHIFT.impl(backend_name))
             k, v = decompress(c_pool, w_uk, w_uv, ranges, k_r_pool)
             return _attend(backend_name, q, k, v, scale, return_lse)
         if backend_name == "cpu":  # "absorb" and "tiled" are the fused C++ kernel
             out, lse = torch.ops.vidstream.lowrank_cached_attention(
-                q, c_pool, w_uk, w_uv, ranges.tensor, k_r_pool, scale, strategy == "absorb")
+                q, c_pool, w_uk, w_uv, ranges.tensor, k_r_pool, scale, strategy == "absorb",
+                deltas, float(theta))
             return (out, lse) if return_lse else out
         if strategy == "absorb":
-            return _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse)
+            return _absorbed_triton(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse,
+                                    deltas, theta)
         checks.fail(f"strategy 'tiled' runs on the cpu backend only; the {backend_name} "
                     "backend has 'decompress' and 'absorb'")
 
@@ -338,7 +395,8 @@ def _decompress_fake(c_pool, w_uk, w_uv, kv_ranges, num_tokens, k_r_pool=None):
 
 
 @_extension.register_fake("lowrank_cached_attention")
-def _attention_fake(q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None, scale=1.0, absorb=False):
+def _attention_fake(q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool=None, scale=1.0, absorb=False,
+                    kv_deltas=None, theta=10000.0):
     B, Lq, H = q.shape[:3]
     return q.new_empty(B, Lq, H, w_uv.shape[2]), q.new_empty(B, H, Lq, dtype=torch.float32)
 
@@ -378,12 +436,20 @@ def _decompress_torch(c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool):
 
 
 def _lowrank_attention_torch(q, c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_pool, scale,
-                             return_lse, strategy):
+                             return_lse, strategy, deltas=None, theta=10000.0):
     from .attention import sdpa_attention
 
     if ranges.pairs is None:  # traced values: the masked definition
         return lowrank_cached_attention_eager(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale,
-                                              return_lse)
+                                              return_lse, None, deltas, theta)
+    if deltas is not None:
+        # The ranges' latents gathered in range order, their RoPE key moved by its offsets; then
+        # the same op over that one span.
+        c = _latent_tokens(c_pool, ranges)
+        k_r = shift_gathered(_as_heads(_latent_tokens(k_r_pool, ranges)), ranges, deltas, theta,
+                             None)[:, :, 0]
+        whole = TokenRanges.trusted([(0, c.shape[1])], ranges.device)
+        return _lowrank_attention_torch(q, c, w_uk, w_uv, whole, k_r, scale, return_lse, strategy)
     d_nope, d_r = w_uk.shape[2], 0 if k_r_pool is None else k_r_pool.shape[2]
     if strategy is None:
         strategy = choose_strategy("torch", q.shape[0], q.shape[1], ranges.num_tokens,

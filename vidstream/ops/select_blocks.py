@@ -14,7 +14,9 @@ import torch
 
 from .. import _extension, backend
 from . import checks
+from .attention import range_deltas
 from .metadata import TokenRanges
+from .rope_math import rope_bands, rotate_pairs, temporal_angles
 
 SELECT_BLOCKS = backend.op("select_blocks")
 
@@ -24,8 +26,9 @@ SELECT_BLOCKS = backend.op("select_blocks")
 
 def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *,
                   query_stride: int = 8, heads=None, score: str = "mean",
-                  scale: float | None = None,
-                  block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float | None = None, block_key_sums: torch.Tensor | None = None,
+                  block_deltas=None, theta: float = 10000.0,
+                  t_theta: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k mid-block selection (PackForcing's dynamic context selection): the indices (int64
     ``[min(k, M)]``, ascending, on q's device) of the ``k`` blocks of ``block_ranges`` whose keys
     match the current chunk's queries best. Ties go to the smaller block index.
@@ -46,27 +49,42 @@ def select_blocks(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, k: int, *
     recommended): the sum over each block's tokens of its keys, as a cache can keep it when it
     writes a block (``block_key_sums(k_pool, block_ranges)`` or ``k_block.sum(1)``). With it,
     ``score="mean"`` costs O(M * H * D) and does not read the keys; ``score="max"`` needs every
-    key and ignores it (it is still checked). Indices are not differentiable. Definition:
+    key and ignores it (it is still checked).
+
+    ``block_deltas``: None, or per-block temporal offsets in frames (as ``kv_deltas`` of
+    ``cached_attention``; ``theta``/``t_theta`` the keys' RoPE): block ``m`` is scored as if its
+    keys (and its key sum) were ``rope3d_shift_``-ed by ``block_deltas[m]``, so selection sees the
+    keys where attention will see them. Indices are not differentiable. Definition:
     docs/spec.md §5."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
+    deltas = range_deltas(block_deltas, blocks, k_pool, t_theta, theta, "block_deltas")
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
     q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
-    return fn(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
+    return fn(q, k_pool, blocks, k, query_stride, heads, score, scale, sums,
+              *_rope_args(deltas, theta, t_theta))[1]
+
+
+def _rope_args(deltas, theta, t_theta) -> tuple:
+    """The trailing (deltas, theta, t_theta) arguments of a backend, none without offsets."""
+    return () if deltas is None else (deltas, float(theta), t_theta)
 
 
 def block_scores(q: torch.Tensor, k_pool: torch.Tensor, block_ranges, *, query_stride: int = 8,
                  heads=None, score: str = "mean", scale: float | None = None,
-                 block_key_sums: torch.Tensor | None = None) -> torch.Tensor:
+                 block_key_sums: torch.Tensor | None = None, block_deltas=None,
+                 theta: float = 10000.0, t_theta: torch.Tensor | None = None) -> torch.Tensor:
     """The scores ``s_m`` ``[M]`` that ``select_blocks`` ranks (same arguments, without ``k``):
     float32 from a kernel, q's dtype from the reference backend. Definition: docs/spec.md §5."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
+    deltas = range_deltas(block_deltas, blocks, k_pool, t_theta, theta, "block_deltas")
     scale = checks.scale_value(scale, q.shape[3])
     fn = SELECT_BLOCKS.resolve(q)
     q, k_pool = checks.rows_contiguous(q), checks.rows_contiguous(k_pool)
-    return fn(q, k_pool, blocks, 0, query_stride, heads, score, scale, sums)[0]
+    return fn(q, k_pool, blocks, 0, query_stride, heads, score, scale, sums,
+              *_rope_args(deltas, theta, t_theta))[0]
 
 
 def block_key_sums(k_pool: torch.Tensor, block_ranges) -> torch.Tensor:
@@ -148,8 +166,24 @@ def _check_key_sums(s, batch: int, blocks: int, kv_heads: int, head_dim: int, de
 # ----------------------------------------------------------------------------- reference
 
 
+def shift_blocks(x: torch.Tensor, deltas, theta, t_theta, kv_t: torch.Tensor,
+                 per_token: bool) -> torch.Tensor:
+    """Block rows ``x`` moved by their block's offset as ``rope3d_shift_`` moves keys: ``x``
+    [B, M, Hs, D] (key sums) or, with ``per_token``, [B, M, width, Hs, D] (gathered keys); the
+    scored heads' kv heads ``kv_t`` pick each one's ``t_theta``. Identity without offsets."""
+    if deltas is None:
+        return x
+    c_t = rope_bands(x.shape[-1])[0]
+    ang = temporal_angles(deltas.to(x.device, torch.float64), c_t, theta, t_theta)  # [M, Ht, c_t]
+    if ang.shape[1] > 1:
+        ang = ang[:, kv_t]
+    ang = ang[:, None] if per_token else ang
+    band = rotate_pairs(x[..., : 2 * c_t], ang)
+    return torch.cat([band, x[..., 2 * c_t:]], dim=-1)
+
+
 def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, score, scale,
-                       key_sums=None) -> torch.Tensor:
+                       key_sums=None, deltas=None, theta=10000.0, t_theta=None) -> torch.Tensor:
     """Scores s_m [M] in q's dtype. ``key_sums`` [B, M, H_kv, D] stands in for the keys of each
     block under ``score="mean"`` (s_m is linear in the block's key sum); ``"max"`` ignores it.
     Tensor ops only, so it traces under torch.compile: each block's tokens are gathered into a
@@ -162,7 +196,7 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     kv_t = heads_t // (H // H_kv)
     qs = q[:, ::query_stride][:, :, heads_t]  # [B, S, Hs, D] (stride bounded by the check)
     if score == "mean" and key_sums is not None:
-        ksum = key_sums[:, :, kv_t].to(q.dtype)  # [B, M, Hs, D]
+        ksum = shift_blocks(key_sums[:, :, kv_t], deltas, theta, t_theta, kv_t, False).to(q.dtype)
         s = (torch.einsum("bihd,bmhd->bmhi", qs, ksum) * scale).mean(dim=(0, 2, 3))
         return torch.where(_nonempty(blocks, q.device), s, torch.zeros((), dtype=s.dtype,
                                                                        device=s.device))
@@ -175,6 +209,7 @@ def block_scores_eager(q, k_pool, blocks: TokenRanges, query_stride, heads, scor
     valid = token < r[:, 1:]
     token = torch.where(valid, token, P)
     kb = ks[:, token]  # [B, M, width, Hs, D]: every block's keys, one batched product per block
+    kb = shift_blocks(kb, deltas, theta, t_theta, kv_t, True)
     if score == "mean":
         dots = torch.einsum("bihd,bmjhd->mbhij", qs, kb) * scale  # [M, B, Hs, S, width]
         zero = torch.zeros((), dtype=dots.dtype, device=dots.device)
@@ -205,48 +240,58 @@ def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale,
-                        sums) -> tuple[torch.Tensor, torch.Tensor]:
-    s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
+def select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums,
+                        deltas=None, theta=10000.0, t_theta=None) -> tuple[torch.Tensor, torch.Tensor]:
+    s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums, deltas,
+                           theta, t_theta)
     return s, topk_ascending(s, k).to(q.device)
 
 
 def select_blocks_reference(q, k_pool, block_ranges, k, *, query_stride=8, heads=None,
-                            score="mean", scale=None, block_key_sums=None) -> torch.Tensor:
+                            score="mean", scale=None, block_key_sums=None, block_deltas=None,
+                            theta=10000.0, t_theta=None) -> torch.Tensor:
     """``select_blocks`` computed eagerly (the oracle)."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, k, query_stride, heads, score, block_key_sums)
+    deltas = range_deltas(block_deltas, blocks, k_pool, t_theta, theta, "block_deltas")
     scale = checks.scale_value(scale, q.shape[3])
-    return select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums)[1]
+    return select_blocks_eager(q, k_pool, blocks, k, query_stride, heads, score, scale, sums,
+                               deltas, theta, t_theta)[1]
 
 
 def block_scores_reference(q, k_pool, block_ranges, *, query_stride=8, heads=None, score="mean",
-                           scale=None, block_key_sums=None) -> torch.Tensor:
+                           scale=None, block_key_sums=None, block_deltas=None, theta=10000.0,
+                           t_theta=None) -> torch.Tensor:
     """``block_scores`` computed eagerly (the oracle), in q's dtype."""
     blocks, heads, sums, query_stride = _check_select_blocks(
         q, k_pool, block_ranges, 0, query_stride, heads, score, block_key_sums)
+    deltas = range_deltas(block_deltas, blocks, k_pool, t_theta, theta, "block_deltas")
     scale = checks.scale_value(scale, q.shape[3])
-    return block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums)
+    return block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums, deltas,
+                              theta, t_theta)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-def _native(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+def _native(q, k_pool, blocks, k, query_stride, heads, score, scale, sums, deltas=None,
+            theta=10000.0, t_theta=None):
     return torch.ops.vidstream.select_blocks(q, k_pool, blocks.tensor, k, query_stride,
-                                             heads, score, scale, sums)
+                                             heads, score, scale, sums, deltas, float(theta),
+                                             t_theta)
 
 
-def _triton(q, k_pool, blocks, k, query_stride, heads, score, scale, sums):
+def _triton(q, k_pool, blocks, k, query_stride, heads, score, scale, sums, deltas=None,
+            theta=10000.0, t_theta=None):
     from ..triton_kernels import select_blocks as kernels
 
     return kernels.select_blocks_triton(q, k_pool, blocks.tensor, k, query_stride, heads,
-                                        score, scale, sums)
+                                        score, scale, sums, deltas, float(theta), t_theta)
 
 
 @_extension.register_fake("select_blocks")
 def _select_blocks_fake(q, k_pool, block_ranges, k, query_stride, heads, score, scale,
-                        block_key_sums=None):
+                        block_key_sums=None, block_deltas=None, theta=10000.0, t_theta=None):
     M = block_ranges.shape[0]
     return (q.new_empty(M, dtype=torch.float32),
             q.new_empty(min(k, M), dtype=torch.int64))
@@ -276,19 +321,22 @@ def _block_rows(blocks: TokenRanges, width: int, device):
 
 
 def _select_blocks_torch(q, k_pool, blocks: TokenRanges, k, query_stride, heads, score, scale,
-                         sums):
+                         sums, deltas=None, theta=10000.0, t_theta=None):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rope = (deltas, theta, t_theta)
     if blocks.pairs is None:  # traced values: no width on the host, the reference's form
-        s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums).to(acc)
+        s = block_scores_eager(q, k_pool, blocks, query_stride, heads, score, scale, sums,
+                               *rope).to(acc)
     else:
-        s = _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc)
+        s = _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc,
+                                rope)
     # topk_ascending's rule (a stable descending sort: equal scores keep the smaller index, NaN
     # sorts first) on the scores' device, so picking reads nothing back to the host.
     order = torch.sort(s, descending=True, stable=True).indices[:k]
     return s, torch.sort(order).values
 
 
-def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc):
+def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, sums, acc, rope):
     dev = q.device
     if q.shape[0] == 0:
         return _scores_without_batch(blocks, score, acc, dev)
@@ -314,6 +362,8 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
             kb = k_pool[:, tok[:, :, None], kv_t[None, None, :]]  # [B, M, width, Hs, D]
             zero = torch.zeros((), dtype=kb.dtype, device=dev)
             ksum = torch.where(valid[None, :, :, None, None], kb, zero).sum(2, dtype=wide)
+        # A block's offset is one rotation of all its keys: it moves their sum the same way.
+        ksum = shift_blocks(ksum, *rope, kv_t, False)
         qsum = qs.sum(1, dtype=wide)  # [B, Hs, D]
         count = qs.shape[0] * qs.shape[1] * qs.shape[2]
         s = ((ksum * qsum[:, None]).sum(dim=(0, 2, 3)) * (scale / count)).to(acc)
@@ -322,7 +372,7 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
     if width == 0:
         return torch.full((M,), float("-inf"), dtype=acc, device=dev)
     tok, valid = _block_rows(blocks, width, dev)
-    kb = k_pool[:, tok[:, :, None], kv_t[None, None, :]].to(acc)  # [B, M, width, Hs, D]
+    kb = shift_blocks(k_pool[:, tok[:, :, None], kv_t[None, None, :]].to(acc), *rope, kv_t, True)
     qbar = qs.to(acc).mean(1)  # [B, Hs, D]
     dots = torch.einsum("bhd,bmjhd->bmhj", qbar, kb) * scale
     ninf = torch.full((), float("-inf"), dtype=acc, device=dev)

@@ -22,6 +22,9 @@ class CacheConfig:
     select_score: str = "mean"      # select_blocks score
     max_frames_rope: int = 1024     # every temporal position stays below this (Wan: 1024)
     theta: float = 10000.0
+    # "relative": positions re-indexed to stay bounded (sink, then mid, then recent, contiguous);
+    # "absolute": each frame keeps the index it was generated at (Self-Forcing / LongLive).
+    positions: str = "relative"
 
     def __post_init__(self):
         checks.positive_int(self.chunk_frames, "chunk_frames")
@@ -38,6 +41,8 @@ class CacheConfig:
         checks.positive_int(self.select_stride, "select_stride")
         if self.select_score not in ("mean", "max"):
             raise ValueError(f"select_score must be 'mean' or 'max', got {self.select_score!r}")
+        if self.positions not in ("relative", "absolute"):
+            raise ValueError(f"positions must be 'relative' or 'absolute', got {self.positions!r}")
         checks.positive_int(self.max_frames_rope, "max_frames_rope")
         checks.rope_params(self.theta)
         if self.max_position >= self.max_frames_rope:
