@@ -105,7 +105,7 @@ _CHUNK_GRID = [
 @pytest.mark.parametrize("ft,F,cf,sink,window", _CHUNK_GRID,
                          ids=[f"ft{c[0]}-F{c[1]}-cf{c[2]}-sink{c[3]}-win{c[4]}" for c in _CHUNK_GRID])
 def test_chunk_backward_masks(ft, F, cf, sink, window):
-    q, k, v, dout, kw = _chunk_case(1, F, ft, 2, 1, 32, 24, cf, sink, window)
+    q, k, v, dout, kw = _chunk_case(2, F, ft, 4, 2, 32, 24, cf, sink, window)
     _check_chunk(q, k, v, dout, kw, f"ft={ft} F={F} cf={cf} sink={sink} win={window}")
 
 

@@ -8,9 +8,10 @@
 // that attends it; query_tile owns a tile of queries and sums dQ = scale dS k over the key blocks
 // it attends. Each output element has one owner, so no thread ever adds into another's.
 //
-// Copied from cpu/attention_isa.h (the forward): the register tile constants, splat/loadv/
-// storev/vmax, the exp2v polynomial (as expv) and gemm_nn; this file adds gemm_tn. (Duplicated rather than included: the
-// forward body is being edited concurrently; the two can become one shared body later.)
+// Copied from cpu/attention_isa.h (the forward): the vector types and register constants,
+// splat/loadv/storev/vmax and the exp2v polynomial (here expv, reduced in natural units). The
+// GEMM differs (two-level sums in registers, optionally A transposed). Duplicated rather than
+// included: the forward body is being edited concurrently; the two can share one header later.
 
 constexpr int VS = kVectorBytes / 4;
 constexpr int MR = VS == 8 ? 6 : 4;
@@ -51,97 +52,70 @@ static inline vf expv(vf x) {
   return (vf)((vi)(p * (vf)e) & ~under);
 }
 
-// C[M, N] = A[M, K] . B[K, N], row-major float; M % MR == 0, N % kCols == 0. The MR x NC
-// register tile of C stays in registers across the whole K loop.
-static void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc) {
-  for (int64_t i0 = 0; i0 < M; i0 += MR) {
-    for (int64_t j0 = 0; j0 < N; j0 += kCols) {
-      vf c[MR][NC];
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) c[r][v] = splat(0.f);
-      const float* a = A + i0 * lda;
-      const float* b = B + j0;
-      for (int64_t kk = 0; kk < K; ++kk) {
-        vf bv[NC];
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) bv[v] = loadv(b + kk * ldb + v * VS);
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-          const vf av = splat(a[r * lda + kk]);
-#pragma GCC unroll 8
-          for (int v = 0; v < NC; ++v) c[r][v] += av * bv[v];
-        }
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) storev(C + (i0 + r) * ldc + j0 + v * VS, c[r][v]);
-    }
-  }
-}
-
-// C[M, N] = A^T . B with A stored [K, M] (lda) and B [K, N]: dV = P^T dout and dK = dS^T q
-// straight from the row-major P and dS tiles, with no transpose. Same constraints as gemm_nn.
-static void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc) {
-  for (int64_t i0 = 0; i0 < M; i0 += MR) {
-    for (int64_t j0 = 0; j0 < N; j0 += kCols) {
-      vf c[MR][NC];
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) c[r][v] = splat(0.f);
-      const float* b = B + j0;
-      for (int64_t kk = 0; kk < K; ++kk) {
-        vf bv[NC];
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) bv[v] = loadv(b + kk * ldb + v * VS);
-        const float* a = A + kk * lda + i0;
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; ++r) {
-          const vf av = splat(a[r]);
-#pragma GCC unroll 8
-          for (int v = 0; v < NC; ++v) c[r][v] += av * bv[v];
-        }
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NC; ++v) storev(C + (i0 + r) * ldc + j0 + v * VS, c[r][v]);
-    }
-  }
-}
-
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// acc[0, n) += x[0, n), n % VS == 0.
-static inline void add_into(float* acc, const float* x, int64_t n) {
-  for (int64_t t = 0; t < n; t += VS) storev(acc + t, loadv(acc + t) + loadv(x + t));
-}
-
-// Dot products over the head dim summed in two levels (runs of kDotRun products, then the runs),
-// as a blocked BLAS GEMM does and as the forward scores them: a head dim of 128 summed in one
-// float32 chain would cost digits against eager. C = A[M, K] . B[K, N]; tmp holds M x ldc.
-static void gemm_dot(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                     int64_t ldb, float* C, int64_t ldc, float* tmp) {
-  constexpr int64_t kDotRun = 8;
-  gemm_nn(M, N, imin(K, kDotRun), A, lda, B, ldb, C, ldc);
-  for (int64_t d0 = kDotRun; d0 < K; d0 += kDotRun) {
-    gemm_nn(M, N, imin(K - d0, kDotRun), A + d0, lda, B + d0 * ldb, ldb, tmp, ldc);
-    for (int64_t i = 0; i < M; ++i) add_into(C + i * ldc, tmp + i * ldc, N);
+// C (+)= op(A) . B, row-major float: op(A) = A [M, K] (lda), or with kTransA A^T for A stored
+// [K, M] (dV = P^T dout and dK = dS^T q straight from the row-major P and dS tiles). Sums run in
+// two levels, runs of `run` products and then the runs, all in registers: a head dim of 64 or
+// 128, or a tile of 128 queries, summed in one float32 chain costs digits against eager's
+// blocked GEMM, and a score's error is multiplied by dP - Delta in dS (measured: one chain of 32
+// doubled the dq error). With `accumulate` the sum is added to C, one rounding per call (a tile):
+// the rounding then grows with the number of tiles, not of terms. The register tile (AVX-512 4 x 2,
+// AVX2 3 x 2, SSE 2 x 2 vectors) leaves room for the run and the total: 2 MRD NCD accumulators
+// beside NCD + 1 operands. M % MRD == 0 (MR is a multiple), N % (VS NCD) == 0 (kCols is).
+constexpr int MRD = VS == 16 ? 4 : VS == 8 ? 3 : 2;
+constexpr int NCD = 2;
+template <bool kTransA>
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, int64_t run, bool accumulate) {
+  for (int64_t i0 = 0; i0 < M; i0 += MRD) {
+    for (int64_t j0 = 0; j0 < N; j0 += VS * NCD) {
+      vf tot[MRD][NCD];
+#pragma GCC unroll 8
+      for (int r = 0; r < MRD; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NCD; ++v)
+          tot[r][v] = accumulate ? loadv(C + (i0 + r) * ldc + j0 + v * VS) : splat(0.f);
+      const float* b = B + j0;
+      for (int64_t k0 = 0; k0 < K; k0 += run) {
+        const int64_t k1 = imin(K, k0 + run);
+        vf c[MRD][NCD];
+#pragma GCC unroll 8
+        for (int r = 0; r < MRD; ++r)
+#pragma GCC unroll 8
+          for (int v = 0; v < NCD; ++v) c[r][v] = splat(0.f);
+        for (int64_t kk = k0; kk < k1; ++kk) {
+          vf bv[NCD];
+#pragma GCC unroll 8
+          for (int v = 0; v < NCD; ++v) bv[v] = loadv(b + kk * ldb + v * VS);
+#pragma GCC unroll 8
+          for (int r = 0; r < MRD; ++r) {
+            const vf av = splat(kTransA ? A[kk * lda + i0 + r] : A[(i0 + r) * lda + kk]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NCD; ++v) c[r][v] += av * bv[v];
+          }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < MRD; ++r)
+#pragma GCC unroll 8
+          for (int v = 0; v < NCD; ++v) tot[r][v] += c[r][v];
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MRD; ++r)
+#pragma GCC unroll 8
+        for (int v = 0; v < NCD; ++v) storev(C + (i0 + r) * ldc + j0 + v * VS, tot[r][v]);
+    }
   }
 }
+constexpr int64_t kRun = 8;
 
 // The per-thread scratch, one layout for both entry points. Row strides: queries and keys
 // padded to the register tile (MR rows), head dims and key columns to kCols.
 struct Scratch {
   int64_t Dp, Dvp, ldk, total;
-  float *Qs, *dO, *Kt, *Vt, *Kn, *S, *dP, *tmp, *accA, *accB, *row, *lse, *delta;
+  float *Qs, *dO, *Kt, *Vt, *Kn, *S, *dP, *accA, *accB, *row, *lse, *delta;
 };
 
 // base == nullptr: only the sizes (total floats).
@@ -151,7 +125,6 @@ static Scratch layout(const BwdParams& p, float* base) {
   s.Dvp = round_up(p.v_dim, kCols);
   s.ldk = round_up(round_up(kBlockK, MR), kCols);  // >= every M and N a key block pads to
   const int64_t qp = round_up(kBlockQ, MR), kp = round_up(kBlockK, MR);
-  const int64_t dmax = imax(s.Dp, s.Dvp);
   int64_t off = 0;
   auto take = [&](int64_t n) {
     float* r = base ? base + off : nullptr;
@@ -165,7 +138,6 @@ static Scratch layout(const BwdParams& p, float* base) {
   s.Kn = take(kp * s.Dp);
   s.S = take(qp * s.ldk);
   s.dP = take(qp * s.ldk);
-  s.tmp = take(imax(qp * imax(s.ldk, dmax), kp * dmax));
   s.accA = take(imax(qp, kp) * s.Dp);
   s.accB = take(kp * s.Dvp);
   s.row = take(s.Dp);
@@ -267,8 +239,8 @@ static void softmax_grad(int64_t nqp, int64_t nk, const Scratch& s) {
 // Scores and dP of the loaded query tile (nqp rows) against the loaded key block (nk keys).
 static void probabilities(const BwdParams& p, int64_t nqp, int64_t nk, const Scratch& s) {
   const int64_t ncols = round_up(nk, kCols);
-  gemm_dot(nqp, ncols, p.head_dim, s.Qs, s.Dp, s.Kt, s.ldk, s.S, s.ldk, s.tmp);
-  gemm_dot(nqp, ncols, p.v_dim, s.dO, s.Dvp, s.Vt, s.ldk, s.dP, s.ldk, s.tmp);
+  gemm<false>(nqp, ncols, p.head_dim, s.Qs, s.Dp, s.Kt, s.ldk, s.S, s.ldk, kRun, false);
+  gemm<false>(nqp, ncols, p.v_dim, s.dO, s.Dvp, s.Vt, s.ldk, s.dP, s.ldk, kRun, false);
   softmax_grad(nqp, nk, s);
 }
 
@@ -300,10 +272,8 @@ static void key_block(const BwdParams& p, const KeyItem& it, const QueryInterval
       tiles(iv[n].lo, iv[n].hi, [&](int64_t i0, int64_t nq) {
         load_queries<T>(p, it.b, h, i0, nq, s);
         probabilities(p, round_up(nq, MR), nk, s);
-        gemm_tn(nkp, s.Dvp, nq, s.S, s.ldk, s.dO, s.Dvp, s.tmp, s.Dvp);
-        add_into(s.accB, s.tmp, nkp * s.Dvp);
-        gemm_tn(nkp, s.Dp, nq, s.dP, s.ldk, s.Qs, s.Dp, s.tmp, s.Dp);
-        add_into(s.accA, s.tmp, nkp * s.Dp);
+        gemm<true>(nkp, s.Dvp, nq, s.S, s.ldk, s.dO, s.Dvp, s.accB, s.Dvp, kRun, true);
+        gemm<true>(nkp, s.Dp, nq, s.dP, s.ldk, s.Qs, s.Dp, s.accA, s.Dp, kRun, true);
       });
   }
   // q was scaled on load, so accA already is dK of the rotated keys; the stored key's gradient
@@ -340,8 +310,7 @@ static void query_tile(const BwdParams& p, const QueryItem& it, const KeyRange* 
       const int64_t nk = imin(kBlockK, ranges[r].hi - j0);
       load_keys<T>(p, it.b, hk, j0, nk, cs, s, true);
       probabilities(p, nqp, nk, s);
-      gemm_nn(nqp, s.Dp, nk, s.dP, s.ldk, s.Kn, s.Dp, s.tmp, s.Dp);
-      add_into(s.accA, s.tmp, nqp * s.Dp);
+      gemm<false>(nqp, s.Dp, nk, s.dP, s.ldk, s.Kn, s.Dp, s.accA, s.Dp, kRun, true);
     }
   }
   const float scale = static_cast<float>(p.scale);
@@ -352,7 +321,11 @@ static void query_tile(const BwdParams& p, const QueryItem& it, const KeyRange* 
   }
 }
 
-// Delta = rowsum(dout * out) in float32 for the flattened (batch, query) rows [begin, end).
+// Delta = rowsum(dout * out), stored as float32, for the flattened (batch, query) rows
+// [begin, end). Summed in float64: eager's softmax backward takes Delta from the same P and dP
+// it multiplies, so their errors cancel; here Delta comes from out, and with few keys per row
+// (a one-frame window of one-token frames) its float32 rounding decided the dq error (measured).
+// O(L H Dv), outside the tile loops.
 template <typename T>
 static void delta_rows(const BwdParams& p, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
@@ -360,9 +333,10 @@ static void delta_rows(const BwdParams& p, int64_t begin, int64_t end) {
     for (int64_t h = 0; h < p.heads; ++h) {
       const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + i * p.do_sl + h * p.do_sh;
       const T* o = static_cast<const T*>(p.out) + b * p.o_sb + i * p.o_sl + h * p.o_sh;
-      float sum = 0.f;
-      for (int64_t e = 0; e < p.v_dim; ++e) sum += static_cast<float>(g[e]) * static_cast<float>(o[e]);
-      p.delta[(b * p.heads + h) * p.lq + i] = sum;
+      double sum = 0.;
+      for (int64_t e = 0; e < p.v_dim; ++e)
+        sum += static_cast<double>(static_cast<float>(g[e])) * static_cast<float>(o[e]);
+      p.delta[(b * p.heads + h) * p.lq + i] = static_cast<float>(sum);
     }
   }
 }
