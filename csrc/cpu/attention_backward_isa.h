@@ -189,8 +189,9 @@ static void load_queries(const BwdParams& p, int64_t b, int64_t h, int64_t i0, i
   }
 }
 
-// Keys [j0, j0 + nk) of (b, hk) as K^T and V^T (columns padded with zeros to ldk) and, if Kn,
-// as rows; with a rotation, each key's temporal band is turned as the forward reads it.
+// Keys [j0, j0 + nk) of (b, hk) as K^T and V^T (columns padded with zeros to ldk) and, with
+// `rows`, also as rows in Kn (for dQ = dS K); with a rotation, each key's temporal band is turned
+// as the forward reads it.
 template <typename T>
 static void load_keys(const BwdParams& p, int64_t b, int64_t hk, int64_t j0, int64_t nk,
                       const float* cs, const Scratch& s, bool rows) {
@@ -254,8 +255,7 @@ static inline void tiles(int64_t lo, int64_t hi, F&& f) {
 }
 
 // dK and dV of keys [j0, j0 + nk) of (b, hk): every query head of the group, every query row of
-// the intervals. Per query tile the product is formed on its own, then added (two-level sums:
-// the rounding grows with the number of tiles, not of queries).
+// the intervals, one query tile at a time (each tile's sum is added to the accumulators once).
 template <typename T>
 static void key_block(const BwdParams& p, const KeyItem& it, const QueryInterval* iv,
                       int64_t n_iv, float* scratch) {
