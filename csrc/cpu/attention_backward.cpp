@@ -1,5 +1,6 @@
-// C++ CPU backward of chunk_attention (docs/spec.md §1) and cached_attention (§2), FlashAttention-2
-// style: from the forward's out and lse, the probabilities are recomputed tile by tile,
+// C++ CPU backward of chunk_attention (docs/spec.md §1) and cached_attention (§2),
+// FlashAttention-2 style: from the forward's out and lse, the probabilities are recomputed tile
+// by tile,
 //   P = exp(scale q.k - lse), dP = dout.v, dS = P (dP - Delta), Delta = rowsum(dout * out),
 //   dV = P^T dout, dK = scale dS^T q, dQ = scale dS k,
 // in float32, and no L x L matrix is ever formed: per thread a few tiles of scratch, beside the
@@ -295,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_attention_backward_cpu(
   for (size_t r = 0; r < ranges.size(); ++r)
     if (ranges[r].second > ranges[r].first)
       set.push_back({ranges[r].first, ranges[r].second, kv_deltas ? static_cast<int64_t>(r) : -1});
-  std::sort(set.begin(), set.end(), [](const KeyRange& a, const KeyRange& b) { return a.lo < b.lo; });
+  std::sort(set.begin(), set.end(),
+            [](const KeyRange& a, const KeyRange& b) { return a.lo < b.lo; });
   return backward(dout, q, k, v, out, lse, scale, {{0, q.size(1), 0}}, {set}, table);
 }
 
