@@ -44,9 +44,10 @@ inline std::vector<int32_t> range_tokens(const std::vector<TokenRange>& ranges) 
 // per-range table (kv_deltas).
 inline std::vector<int32_t> range_token_rows(const std::vector<TokenRange>& ranges) {
   std::vector<int32_t> rows;
-  for (size_t r = 0; r < ranges.size(); ++r)
-    rows.insert(rows.end(), static_cast<size_t>(std::max<int64_t>(0, ranges[r].second - ranges[r].first)),
-                static_cast<int32_t>(r));
+  for (size_t r = 0; r < ranges.size(); ++r) {
+    const int64_t len = std::max<int64_t>(0, ranges[r].second - ranges[r].first);
+    rows.insert(rows.end(), static_cast<size_t>(len), static_cast<int32_t>(r));
+  }
   return rows;
 }
 

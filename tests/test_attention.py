@@ -404,7 +404,8 @@ _DELTA_CASES = {
                               [-0.5, 12.0, 3.0, -7.75], True),
     "gqa-t_theta-zero-delta": (1, 21, 4, 2, 64, 64, 130, [[100, 130], [0, 17], [50, 51]],
                                [0.0, -1.0, 2.5], True),
-    "small-head-dv": (2, 9, 2, 1, 16, 24, 40, [[13, 14], [20, 40], [0, 5]], [0.25, -3.0, 1e3], True),
+    "small-head-dv": (2, 9, 2, 1, 16, 24, 40, [[13, 14], [20, 40], [0, 5]], [0.25, -3.0, 1e3],
+                      True),
 }
 # Not the Triton interpreter: too slow for this grid (the Triton kernel's offsets have tests of
 # their own).

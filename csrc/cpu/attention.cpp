@@ -40,8 +40,9 @@ struct AttnProblem {
   double scale;
   // cached_attention's kv_deltas: each key of a range has its temporal band (the first
   // 2 * rot_pairs channels) rotated by its range's row of temporal_table() while its block is
-  // loaded. The rows reach the tile kernel per range (TileFn's `rot`); a row holds rot_heads
-  // (1, or H_kv with t_theta) runs of rot_pairs (cos, sin) pairs, rot_sh floats apart (0 for one).
+  // loaded. The rows reach the tile kernel per range (TileFn's `rot`); a row holds one run of
+  // rot_pairs (cos, sin) pairs per table head (H_kv with t_theta, else one), rot_sh floats apart
+  // (0 with one table head, which every kv head then reads).
   int64_t rot_pairs, rot_sh;
 };
 
@@ -165,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor> cached_attention_cpu(
     const std::optional<at::Tensor>& t_theta) {
   check_attention_qkv(q, k, v, "k_pool", "v_pool", at::kCPU);
   const std::vector<TokenRange> given = read_ranges(kv_ranges, k.size(1), "kv_ranges", q);
-  if (!kv_deltas) return attend(q, k, v, scale, {{0, q.size(1), 0}}, {{sorted_nonempty(given), {}}});
+  if (!kv_deltas)
+    return attend(q, k, v, scale, {{0, q.size(1), 0}}, {{sorted_nonempty(given), {}}});
   // Keys are visited in pool order (sorted_nonempty's), but each range keeps its own table row.
   const at::Tensor table = key_shift_table(*kv_deltas, t_theta, given.size(), k, theta);
   KeySet set;

@@ -81,9 +81,9 @@ std::tuple<at::Tensor, at::Tensor> cached_attention_cuda(
   TORCH_CHECK(ranges.size(0) <= INT32_MAX, "kv_ranges: too many ranges (", ranges.size(0), ")");
   // Built on the device before the launch; freed after it returns, which the caching allocator
   // makes safe (its memory is reused only by work queued later on this stream).
-  const at::Tensor table = kv_deltas ? key_shift_table(*kv_deltas, t_theta,
-                                                       static_cast<size_t>(ranges.size(0)), k, theta)
-                                     : at::Tensor();
+  const size_t num_ranges = static_cast<size_t>(ranges.size(0));
+  const at::Tensor table =
+      kv_deltas ? key_shift_table(*kv_deltas, t_theta, num_ranges, k, theta) : at::Tensor();
   return attend(q, k, v, scale, &launch_cached_attention, "cached_attention",
                 [&](AttentionParams& p) {
                   p.ranges = ranges.data_ptr<int32_t>();
