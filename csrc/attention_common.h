@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ranges.h"
+#include "rope3d_common.h"
 
 namespace vidstream {
 
@@ -44,6 +45,18 @@ inline std::vector<TokenRange> chunk_key_ranges(const ChunkMaskParams& p, int64_
 inline int64_t num_chunks(const ChunkMaskParams& p, int64_t seq_len) {
   const int64_t chunk_tok = p.chunk_frames * p.frame_tokens;
   return (seq_len + chunk_tok - 1) / chunk_tok;
+}
+
+// cached_attention's kv_deltas as the kernels read them: temporal_table()'s float32 (cos, sin)
+// [R, Ht, c_t, 2] on k_pool's device, Ht = H_kv with t_theta, else 1: the angles rope3d_shift_
+// rotates by, so reading a key through its row equals reading it after rope3d_shift_.
+inline at::Tensor key_shift_table(const at::Tensor& kv_deltas,
+                                  const std::optional<at::Tensor>& t_theta, size_t num_ranges,
+                                  const at::Tensor& k_pool, double theta) {
+  check_range_deltas(kv_deltas, static_cast<int64_t>(num_ranges), "kv_deltas");
+  TORCH_CHECK(!t_theta || (t_theta->dim() == 1 && t_theta->size(0) == k_pool.size(2)),
+              "t_theta must have shape [H_kv] = [", k_pool.size(2), "]");
+  return temporal_table(kv_deltas, theta, t_theta, k_pool.size(3), k_pool.device());
 }
 
 // Points a kernel's params struct (CPU AttnProblem or CUDA AttentionParams: the same field

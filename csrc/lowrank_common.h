@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -37,6 +38,17 @@ inline std::vector<int32_t> range_tokens(const std::vector<TokenRange>& ranges) 
   for (const auto& r : ranges)
     for (int64_t i = r.first; i < r.second; ++i) idx.push_back(static_cast<int32_t>(i));
   return idx;
+}
+
+// The range of every token of range_tokens(ranges), as its index in `ranges`: the row of its
+// per-range table (kv_deltas).
+inline std::vector<int32_t> range_token_rows(const std::vector<TokenRange>& ranges) {
+  std::vector<int32_t> rows;
+  for (size_t r = 0; r < ranges.size(); ++r) {
+    const int64_t len = std::max<int64_t>(0, ranges[r].second - ranges[r].first);
+    rows.insert(rows.end(), static_cast<size_t>(len), static_cast<int32_t>(r));
+  }
+  return rows;
 }
 
 // [d_c, H * (d_nope + d_v)] float32: head h's columns are its K up-projection then its V

@@ -60,6 +60,35 @@ inline std::vector<TokenRange> sorted_nonempty(const std::vector<TokenRange>& ra
   return out;
 }
 
+// A non-empty range and its row in the given order (its row of per-range tables: kv_deltas).
+struct IndexedRange {
+  TokenRange range;
+  int64_t index;
+};
+
+// sorted_nonempty's order, each range keeping its index in `ranges`.
+inline std::vector<IndexedRange> sorted_nonempty_indexed(const std::vector<TokenRange>& ranges) {
+  std::vector<IndexedRange> out;
+  for (size_t r = 0; r < ranges.size(); ++r)
+    if (ranges[r].first < ranges[r].second)
+      out.push_back({ranges[r], static_cast<int64_t>(r)});
+  std::sort(out.begin(), out.end(), [](const IndexedRange& a, const IndexedRange& b) {
+    return a.range < b.range;
+  });
+  return out;
+}
+
+// Per-range temporal offsets (kv_deltas, block_deltas): float64 [R] host values, one per row of
+// the ranges; a kernel indexes its angle table by range, so the count is memory safety.
+inline void check_range_deltas(const at::Tensor& deltas, int64_t num_ranges, const char* name) {
+  TORCH_CHECK(deltas.dim() == 1 && deltas.size(0) == num_ranges, name, " must have shape [R] = [",
+              num_ranges, "], got ", deltas.sizes());
+  TORCH_CHECK(deltas.scalar_type() == at::kDouble, name, " must be float64, got ",
+              deltas.scalar_type());
+  TORCH_CHECK(deltas.device().is_cpu(), name, " must be a CPU tensor (host values), got ",
+              deltas.device());
+}
+
 // frame_slots [F]: frame f goes to pool tokens [slot, slot + frame_tokens).
 inline at::Tensor slots_tensor(const at::Tensor& frame_slots, const at::Tensor& pool) {
   TORCH_CHECK(frame_slots.dim() == 1, "frame_slots must be 1-D [F], got ", frame_slots.sizes());

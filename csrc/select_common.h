@@ -11,7 +11,21 @@
 #include <numeric>
 #include <vector>
 
+#include "ranges.h"
+#include "rope3d_common.h"
+
 namespace vidstream {
+
+// block_deltas as the kernels read them: temporal_table()'s float32 (cos, sin) [M, Ht, c_t, 2]
+// on k_pool's device (Ht = H_kv with t_theta, else 1), rope3d_shift_'s angles.
+inline at::Tensor block_shift_table(const at::Tensor& block_deltas,
+                                    const std::optional<at::Tensor>& t_theta, int64_t blocks,
+                                    const at::Tensor& k_pool, double theta) {
+  check_range_deltas(block_deltas, blocks, "block_deltas");
+  TORCH_CHECK(!t_theta || (t_theta->dim() == 1 && t_theta->size(0) == k_pool.size(2)),
+              "t_theta must have shape [H_kv] = [", k_pool.size(2), "]");
+  return temporal_table(block_deltas, theta, t_theta, k_pool.size(3), k_pool.device());
+}
 
 struct SelectProblem {
   int64_t batch, q_len, heads, head_dim, pool_len, kv_heads, blocks;

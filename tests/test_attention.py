@@ -389,3 +389,133 @@ def test_large_logits_half_precision(backend, device, dtype, gain):
     out, lse = _check(backend, vidstream.cached_attention, reference.cached_attention,
                       (q2, pool_k, pool_v, ranges), {}, f"cached {dtype} x{gain}")
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+# ----------------------------------------------------------------------------- §2 kv_deltas
+
+# Per-range temporal offsets: (B, Lq, H, H_kv, D, Dv, pool, ranges, kv_deltas, per-head t_theta).
+# Lq and range lengths off the kernels' tiles (CPU 128 x 64, CUDA 64 x 64), ranges out of pool
+# order, empty and one-token ranges, negative, fractional, zero and large offsets.
+_DELTA_CASES = {
+    "gqa-odd": (2, 37, 4, 2, 64, 64, 150, [[120, 150], [0, 9], [30, 101], [9, 9]],
+                [3.5, -2.25, 7.0, 1.0], False),
+    "mqa-t_theta-one-token": (1, 130, 4, 1, 128, 128, 200,
+                              [[150, 151], [0, 65], [70, 70], [80, 143]],
+                              [-0.5, 12.0, 3.0, -7.75], True),
+    "gqa-t_theta-zero-delta": (1, 21, 4, 2, 64, 64, 130, [[100, 130], [0, 17], [50, 51]],
+                               [0.0, -1.0, 2.5], True),
+    "small-head-dv": (2, 9, 2, 1, 16, 24, 40, [[13, 14], [20, 40], [0, 5]], [0.25, -3.0, 1e3],
+                      True),
+}
+# Not the Triton interpreter: too slow for this grid (the Triton kernel's offsets have tests of
+# their own).
+_DELTA_PAIRS = [pytest.param("torch", "cpu", id="torch-cpu")] + [
+    p for p in PAIRS if tuple(p.values) != ("triton", "cpu")]
+
+
+def _delta_case(name, dtype, device):
+    B, Lq, H, H_kv, D, Dv, P, ranges, deltas, per_head = _DELTA_CASES[name]
+    q, k, v = _qkv(B, Lq, P, H, H_kv, D, Dv, dtype, device)
+    kr = torch.tensor(ranges, dtype=torch.int32)
+    t_theta = torch.linspace(7000.0, 13000.0, H_kv, device=device) if per_head else None
+    return q, k, v, kr, dict(kv_deltas=deltas, t_theta=t_theta)
+
+
+def _run_deltas(backend, fn, *args, **kwargs):
+    """``run``, skipping where the backend has no offsets yet (the Triton kernel, written
+    elsewhere)."""
+    try:
+        return run(backend, fn, *args, **kwargs)
+    except NotImplementedError as e:
+        pytest.skip(f"{backend}: {e}")
+
+
+def _poison_outputs(q, v):
+    """NaN-filled blocks of the outputs' sizes, freed just before the kernel allocates its own:
+    an element it leaves unwritten then fails the comparison."""
+    B, Lq, H, _ = q.shape
+    for shape, dt in (((B, Lq, H, v.shape[3]), q.dtype), ((B, H, Lq), torch.float32)):
+        torch.empty(shape, dtype=dt, device=q.device).fill_(float("nan"))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device", _DELTA_PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(_DELTA_CASES))
+def test_cached_attention_kv_deltas(backend, device, dtype, case):
+    """Against the float64 oracle (shift a copy of the pool, then attend), eager being the same
+    in the kernel's dtype."""
+    require(backend, "cached_attention", device, dtype)
+    q, k, v, kr, kw = _delta_case(case, dtype, device)
+    _serves(backend, q.shape[3], v.shape[3], dtype)
+    _poison_outputs(q, v)
+    try:
+        _check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr), kw,
+               f"{backend} {case} {dtype}")
+    except NotImplementedError as e:
+        pytest.skip(f"{backend}: {e}")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device", _DELTA_PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cached_attention_kv_deltas_contract(backend, device, dtype):
+    """cached_attention(q, k, v, r, kv_deltas=d) == cached_attention(q, rope3d_shift_(k.clone(),
+    r, d), v, r) on one backend, up to rounding: of the rotation in float32 (the same table
+    entries and expression: often bit for bit), and of the shifted keys, which rope3d_shift_
+    stores in 16 bits and the CPU kernel keeps in float32."""
+    require(backend, "cached_attention", device, dtype)
+    q, k, v, kr, kw = _delta_case("mqa-t_theta-one-token", dtype, device)
+    _serves(backend, q.shape[3], v.shape[3], dtype)
+    shifted = vidstream.rope3d_shift_(k.clone(), kr, kw["kv_deltas"], t_theta=kw["t_theta"])
+    out, lse = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
+    ref_out, ref_lse = run(backend, vidstream.cached_attention, q, shifted, v, kr, return_lse=True)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, ref_out, atol=4 * eps, rtol=4 * eps)
+    torch.testing.assert_close(lse, ref_lse, atol=4 * eps, rtol=4 * eps)
+    # The offsets matter: without them the result differs.
+    assert not torch.allclose(out.float(), run(backend, vidstream.cached_attention, q, k, v,
+                                               kr).float(), atol=1e-2)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device", _DELTA_PAIRS)
+def test_cached_attention_kv_deltas_nan_inf(backend, device):
+    """NaN and Inf as without offsets: a NaN/Inf key or value outside the ranges reaches no
+    output; a NaN key inside makes NaN exactly the rows that read it (its batch entry and the
+    query heads of its kv head), as the oracle says."""
+    dtype = _dt(backend)
+    require(backend, "cached_attention", device, dtype)
+    q, k, v, kr, kw = _delta_case("gqa-odd", dtype, device)
+    clean = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw)
+    k[:, 101:120] = float("nan")  # between ranges
+    v[:, 101:120] = float("inf")
+    k[:, 9, :, 0] = float("-inf")  # the empty range [9, 9) holds no token
+    out = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw)
+    assert torch.equal(out, clean)
+    k[1, 40, 1, 3] = float("nan")  # batch 1, kv head 1, a temporal channel, inside [30, 101)
+    out, lse = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
+    oracle, oracle_lse = reference.cached_attention(q.double(), k.double(), v.double(), kr, **kw,
+                                                    return_lse=True)
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(oracle).cpu())
+    assert torch.equal(torch.isnan(lse).cpu(), torch.isnan(oracle_lse).cpu())
+    assert torch.isnan(out[1, :, 2:]).all() and not torch.isnan(out[0]).any()
+    assert not torch.isnan(out[1, :, :2]).any()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cached_attention_kv_deltas_op_checks():
+    """The C++ op checks what its kernel indexes by: one float64 host offset per range, and
+    t_theta per kv head."""
+    _native()
+    q, k, v = _qkv(1, 4, 20, 4, 2, 16, 16, torch.float32, "cpu")
+    kr = torch.tensor([[0, 5], [8, 12]], dtype=torch.int32)
+    op = torch.ops.vidstream.cached_attention
+    good = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    op(q, k, v, kr, 0.25, good, 10000.0, None)
+    with pytest.raises(RuntimeError, match=r"kv_deltas must have shape \[R\]"):
+        op(q, k, v, kr, 0.25, good[:1], 10000.0, None)
+    with pytest.raises(RuntimeError, match="kv_deltas must be float64"):
+        op(q, k, v, kr, 0.25, good.float(), 10000.0, None)
+    with pytest.raises(RuntimeError, match="t_theta must have shape"):
+        op(q, k, v, kr, 0.25, good, 10000.0, torch.ones(4) * 1e4)

@@ -364,3 +364,89 @@ def test_lowrank_kv_module_shapes():
     torch.testing.assert_close(v_g.detach(), v)
     wan = LowRankKV(dim=1536, heads=12, head_dim=128, rank=192, rope_dims=32)
     assert wan.cache_values_per_token == 224 and 224 / (2 * 12 * 128) <= 0.073
+
+
+# ----------------------------------------------------------------------------- kv_deltas
+
+
+def _delta_strategies():
+    """Every strategy of _strategies() but the Triton interpreter's (too slow for this grid; the
+    Triton kernel's offsets have tests of their own)."""
+    return [p for p in _strategies() if tuple(p.values[:2]) != ("triton", "cpu")]
+
+
+# (d_c, d_r, d_nope, d_v, H, Lq); ATTN_RANGES: more than one 512-token tile, an empty range.
+DELTA_SHAPES = [
+    pytest.param(192, 32, 32, 48, 2, 130, id="dc192-dr32-lq130"),
+    pytest.param(64, 32, 16, 48, 3, 9, id="dc64-dr32-kv-same-width"),  # CPU tiled: ATen flash
+    pytest.param(512, 64, 16, 8, 2, 1, id="dc512-dr64-lq1"),
+]
+DELTAS = [-3.25, 5.0, 0.5]  # per ATTN_RANGES row (the empty one's offset moves nothing)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device,strategy", _delta_strategies())
+@pytest.mark.parametrize("d_c,d_r,d_nope,d_v,H,Lq", DELTA_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_kv_deltas(backend, device, strategy, d_c, d_r, d_nope, d_v, H, Lq, dtype):
+    """k_r read as if rope3d_shift_-ed by its range's offset (head dim d_r, one head), against
+    the float64 definition (shift a copy of k_r_pool, decompress, attend)."""
+    require(backend, "lowrank_cached_attention", device, dtype)
+    B = 2
+    c, w_uk, w_uv, k_r = _inputs(B, 600, d_c, d_r, d_nope, d_v, H, dtype, device)
+    q = torch.randn(B, Lq, H, d_nope + d_r, device=device).to(dtype)
+    _poison_heap((B, Lq, H, d_v), (B, H, Lq), dtype=dtype)
+    try:
+        out, lse = run(backend, vidstream.lowrank_cached_attention, q, c, w_uk, w_uv, ATTN_RANGES,
+                       k_r_pool=k_r, kv_deltas=DELTAS, return_lse=True, strategy=strategy)
+    except NotImplementedError as e:  # a backend whose offsets are written elsewhere
+        pytest.skip(f"{backend}: {e}")
+    kw = dict(kv_deltas=DELTAS, return_lse=True)
+    o64, l64 = reference.lowrank_cached_attention(*_f64(q, c, w_uk, w_uv), ATTN_RANGES,
+                                                  k_r_pool=k_r.double(), **kw)
+    o_e, l_e = reference.lowrank_cached_attention(q, c, w_uk, w_uv, ATTN_RANGES, k_r_pool=k_r,
+                                                  **kw)
+    # As test_attention: the fused CPU kernels' known float32 gap at rounding level.
+    factor = 4.0 if (backend == "cpu" and dtype == torch.float32
+                     and strategy in (None, "tiled", "absorb")) else 2.0
+    assert_close_to_oracle(out, o64, o_e, factor=factor, what="out")
+    assert_close_to_oracle(lse, l64, l_e, factor=factor, what="lse")
+    still = reference.lowrank_cached_attention(*_f64(q, c, w_uk, w_uv), ATTN_RANGES,
+                                               k_r_pool=k_r.double())
+    assert max_err(still, o64) > 1e-3  # the offsets matter
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("strategy", ["absorb", "tiled"])
+def test_attention_kv_deltas_contract_cpu(strategy):
+    """The fused CPU kernel with offsets equals it on a rope3d_shift_-ed copy of k_r_pool up to
+    float32 rounding (the gathered rows are rotated with rope3d_shift_'s table entries and
+    expression)."""
+    require("cpu", "lowrank_cached_attention", "cpu", torch.float32)
+    c, w_uk, w_uv, k_r = _inputs(1, 600, 64, 32, 16, 48, 3, torch.float32)
+    q = torch.randn(1, 9, 3, 48)
+    shifted = k_r.clone()
+    vidstream.rope3d_shift_(shifted.unsqueeze(2), ATTN_RANGES, DELTAS)
+    kw = dict(return_lse=True, strategy=strategy)
+    got = run("cpu", vidstream.lowrank_cached_attention, q, c, w_uk, w_uv, ATTN_RANGES,
+              k_r_pool=k_r, kv_deltas=DELTAS, **kw)
+    want = run("cpu", vidstream.lowrank_cached_attention, q, c, w_uk, w_uv, ATTN_RANGES,
+               k_r_pool=shifted, **kw)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_attention_kv_deltas_op_checks():
+    """The C++ op checks what its kernel indexes by: one float64 host offset per range."""
+    if not vidstream._extension.load():
+        pytest.skip("vidstream._C not built")
+    c, w_uk, w_uv, k_r = _inputs(1, 40, 64, 32, 16, 24, 2, torch.float32)
+    q = torch.randn(1, 3, 2, 48)
+    r = torch.tensor(RANGES, dtype=torch.int32)
+    op = torch.ops.vidstream.lowrank_cached_attention
+    good = torch.tensor([1.0, 0.0, -2.0, 3.5], dtype=torch.float64)
+    op(q, c, w_uk, w_uv, r, k_r, 0.2, True, good, 10000.0)
+    with pytest.raises(RuntimeError, match=r"kv_deltas must have shape \[R\]"):
+        op(q, c, w_uk, w_uv, r, k_r, 0.2, True, good[:3], 10000.0)
+    with pytest.raises(RuntimeError, match="kv_deltas must be float64"):
+        op(q, c, w_uk, w_uv, r, k_r, 0.2, False, good.float(), 10000.0)

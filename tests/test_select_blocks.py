@@ -377,3 +377,99 @@ def test_triton_kernels_compile_for_gpu(arch, tmp_path):
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr:
         pytest.skip("no ptxas for ahead-of-time compilation")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- block_deltas
+
+# Not the Triton interpreter: too slow for this grid (the Triton kernel's offsets have tests of
+# their own).
+_DELTA_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu")] + [
+    p for p in backend_device_pairs() if tuple(p.values) != ("triton", "cpu")]
+# case -> whether the keys carry a per-kv-head t_theta
+_DELTA_CASES = {"unequal-gqa": True, "wan-headdim": False, "stride8-odd": True}
+
+
+def _deltas_for(M):
+    """One offset per block: zero, negative, fractional, large."""
+    d = (torch.randn(M, dtype=torch.float64) * 6).round(decimals=2)
+    d[0] = 0.0
+    d[-1] = 1e3 + 0.25
+    return d.tolist()
+
+
+def _run_deltas(backend, fn, *args, **kwargs):
+    try:
+        return run(backend, fn, *args, **kwargs)
+    except NotImplementedError as e:  # a backend whose offsets are written elsewhere
+        pytest.skip(f"{backend}: {e}")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device", _DELTA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(_DELTA_CASES))
+@pytest.mark.parametrize("score,sums", [("mean", False), ("mean", True), ("max", False)],
+                         ids=["mean-keys", "mean-key-sums", "max"])
+def test_block_deltas(backend, device, dtype, case, score, sums):
+    """Blocks scored as if their keys were rope3d_shift_-ed by block_deltas, against the float64
+    reference (which shifts every key); GQA, empty blocks, per-head t_theta."""
+    require(backend, "select_blocks", device, dtype)
+    q, kp, r, k, stride, heads = _make(case, dtype, device)
+    M, H_kv = r.shape[0], kp.shape[2]
+    t_theta = torch.linspace(8000.0, 12000.0, H_kv, device=device) if _DELTA_CASES[case] else None
+    rope = dict(block_deltas=_deltas_for(M), t_theta=t_theta)
+    key_sums = selection.block_key_sums(kp, r) if sums else None
+    kw = dict(query_stride=stride, heads=heads, score=score, scale=q.shape[3] ** -0.5, **rope)
+    oracle = reference.block_scores(q.double(), kp.double(), r, **kw)
+    eager = reference.block_scores(q, kp, r, **kw, block_key_sums=key_sums)
+    scores = _run_deltas(backend, selection.block_scores, q, kp, r, **kw, block_key_sums=key_sums)
+    idx = _run_deltas(backend, vidstream.select_blocks, q, kp, r, k, **kw,
+                      block_key_sums=key_sums)
+    assert scores.dtype == torch.float32 and scores.device == q.device
+    what = f"{backend} {case} {score} sums={sums} {dtype}"
+    _finite_close(scores, oracle, eager, what)
+    _check_indices(idx, scores, oracle, k, what)
+    # The offsets matter: the float64 scores move.
+    still = reference.block_scores(q.double(), kp.double(), r, **{**kw, "block_deltas": None})
+    assert not torch.allclose(still, oracle)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend,device", _DELTA_BACKENDS)
+@pytest.mark.parametrize("score", ["mean", "max"])
+def test_block_deltas_nan_and_empty(backend, device, score):
+    """With offsets as without: a NaN key makes its own block's score NaN and no other; empty
+    blocks score 0 ("mean") / -inf ("max"); keys outside the blocks are never read."""
+    require(backend, "select_blocks", device, torch.float32)
+    q = torch.randn(1, 12, 4, 16, device=device)
+    kp = torch.randn(1, 40, 2, 16, device=device)
+    r = torch.tensor([[20, 31], [5, 5], [0, 9], [31, 31], [33, 40]], dtype=torch.int32)
+    kp[:, 10:20] = float("nan")  # between blocks
+    kp[0, 35, 1, 2] = float("nan")  # block 4, kv head 1, a temporal channel
+    kw = dict(query_stride=2, heads=[0, 3], score=score, block_deltas=[2.5, -1.0, 0.5, 7.0, -3.25],
+              t_theta=torch.tensor([9000.0, 11000.0], device=device))
+    s = _run_deltas(backend, selection.block_scores, q, kp, r, **kw).cpu()
+    oracle = reference.block_scores(q.double(), kp.double(), r, **kw)
+    empty = 0.0 if score == "mean" else float("-inf")
+    assert s[1] == empty and s[3] == empty
+    assert torch.isnan(s[4]) and torch.isfinite(s[[0, 2]]).all()
+    assert torch.equal(torch.isnan(s), torch.isnan(oracle))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_block_deltas_op_checks():
+    """The C++ op checks what its kernel indexes by: one float64 host offset per block, t_theta
+    per kv head."""
+    if not vidstream._extension.load():
+        pytest.skip("vidstream._C not built")
+    q, kp = torch.randn(1, 8, 4, 16), torch.randn(1, 20, 2, 16)
+    r = torch.tensor([[0, 5], [8, 12], [12, 12]], dtype=torch.int32)
+    op = torch.ops.vidstream.select_blocks
+    good = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    op(q, kp, r, 2, 1, [0, 1], "max", 0.25, None, good, 10000.0, None)
+    with pytest.raises(RuntimeError, match=r"block_deltas must have shape \[R\]"):
+        op(q, kp, r, 2, 1, [0, 1], "max", 0.25, None, good[:2], 10000.0, None)
+    with pytest.raises(RuntimeError, match="block_deltas must be float64"):
+        op(q, kp, r, 2, 1, [0, 1], "mean", 0.25, None, good.float(), 10000.0, None)
+    with pytest.raises(RuntimeError, match="t_theta must have shape"):
+        op(q, kp, r, 2, 1, [0, 1], "mean", 0.25, None, good, 10000.0, torch.ones(4))

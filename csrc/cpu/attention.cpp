@@ -7,6 +7,8 @@
 // past a range end are never loaded (their scores are -inf, their value rows stay out of the
 // P.V product), so a NaN or Inf there reaches no output; one that a query reads propagates as
 // in eager softmax (docs/spec.md, NaN and Inf; attention_isa.h).
+// cached_attention's kv_deltas (positions as metadata) rotate each key's temporal band as its
+// block is loaded, by the per-range rows of rope3d_shift_'s own table; the pool is only read.
 // Work is split over batch x heads x query tiles. The tile kernel (cpu/attention_isa.h) is
 // compiled for AVX-512, AVX2 and the baseline, and picked at run time (cpu/isa_dispatch.h).
 #include <ATen/Parallel.h>
@@ -36,6 +38,12 @@ struct AttnProblem {
   int64_t q_sb, q_sl, q_sh, k_sb, k_sl, k_sh, v_sb, v_sl, v_sh, o_sb, o_sl, o_sh;  // elements
   int64_t lse_sh;  // tokens per (batch, head) row of lse
   double scale;
+  // cached_attention's kv_deltas: each key of a range has its temporal band (the first
+  // 2 * rot_pairs channels) rotated by its range's row of temporal_table() while its block is
+  // loaded. The rows reach the tile kernel per range (TileFn's `rot`); a row holds one run of
+  // rot_pairs (cos, sin) pairs per table head (H_kv with t_theta, else one), rot_sh floats apart
+  // (0 with one table head, which every kv head then reads).
+  int64_t rot_pairs, rot_sh;
 };
 
 struct WorkItem {
@@ -43,7 +51,9 @@ struct WorkItem {
   int64_t set;  // which key range list
 };
 
-using TileFn = void (*)(const AttnProblem&, const WorkItem&, const TokenRange*, int64_t, float*);
+// `rot`: nullptr (no offsets), or per range its table row (docs: AttnProblem::rot_pairs).
+using TileFn = void (*)(const AttnProblem&, const WorkItem&, const TokenRange*,
+                        const float* const* rot, int64_t, float*);
 using ScratchFn = int64_t (*)(const AttnProblem&);
 
 struct IsaKernels {
@@ -55,15 +65,22 @@ struct IsaKernels {
 #define VIDSTREAM_ISA_AVX512 1
 #include "cpu/isa_dispatch.h"
 
+// A list of key ranges and, with offsets, each range's rotation table row (else empty).
+struct KeySet {
+  std::vector<TokenRange> ranges;
+  std::vector<const float*> rot;
+};
+
 void run(const AttnProblem& p, const std::vector<WorkItem>& items,
-         const std::vector<std::vector<TokenRange>>& range_sets) {
+         const std::vector<KeySet>& sets) {
   const IsaKernels& kernel = isa_kernels();
   const int64_t scratch = kernel.scratch(p);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> w(scratch);
     for (int64_t n = begin; n < end; ++n) {
-      const auto& set = range_sets[items[n].set];
-      kernel.tile(p, items[n], set.data(), static_cast<int64_t>(set.size()), w.data());
+      const KeySet& set = sets[items[n].set];
+      kernel.tile(p, items[n], set.ranges.data(), set.rot.empty() ? nullptr : set.rot.data(),
+                  static_cast<int64_t>(set.ranges.size()), w.data());
     }
   });
 }
@@ -101,10 +118,13 @@ struct QuerySpan {
 };
 
 // Both ops: every (batch, head) of each span of query rows against its list of key ranges.
+// `table` (with offsets): temporal_table()'s [R, Ht, c_t, 2] float32, which the sets' `rot`
+// rows point into.
 std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q_in, const at::Tensor& k_in,
                                           const at::Tensor& v_in, double scale,
                                           const std::vector<QuerySpan>& spans,
-                                          const std::vector<std::vector<TokenRange>>& sets) {
+                                          const std::vector<KeySet>& sets,
+                                          const at::Tensor& table = at::Tensor()) {
   const at::Tensor q = inner_contiguous(q_in), k = inner_contiguous(k_in),
                    v = inner_contiguous(v_in);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -115,7 +135,13 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& q_in, const at::Tens
       for (int64_t h = 0; h < q.size(2); ++h)
         for_each_tile(span.lo, span.hi,
                       [&](int64_t q0, int64_t nq) { items.push_back({b, h, q0, nq, span.set}); });
-  if (!items.empty()) run(make_problem(q, k, v, out, lse, scale), items, sets);
+  if (items.empty()) return {out, lse};
+  AttnProblem p = make_problem(q, k, v, out, lse, scale);
+  if (table.defined()) {
+    p.rot_pairs = table.size(2);
+    p.rot_sh = table.size(1) > 1 ? 2 * table.size(2) : 0;
+  }
+  run(p, items, sets);
   return {out, lse};
 }
 
@@ -125,10 +151,10 @@ std::tuple<at::Tensor, at::Tensor> chunk_attention_cpu(
   check_chunk_attention_args(q, k, v, frame_tokens, chunk_frames, at::kCPU);
   const ChunkMaskParams mp{frame_tokens, chunk_frames, sink_frames, window_frames};
   const int64_t L = q.size(1), chunk_tok = chunk_frames * frame_tokens;
-  std::vector<std::vector<TokenRange>> sets;
+  std::vector<KeySet> sets;
   std::vector<QuerySpan> spans;
   for (int64_t c = 0; c < num_chunks(mp, L); ++c) {
-    sets.push_back(chunk_key_ranges(mp, c, L));
+    sets.push_back({chunk_key_ranges(mp, c, L), {}});
     spans.push_back({c * chunk_tok, std::min(L, (c + 1) * chunk_tok), c});
   }
   return attend(q, k, v, scale, spans, sets);
@@ -139,9 +165,17 @@ std::tuple<at::Tensor, at::Tensor> cached_attention_cpu(
     double scale, const std::optional<at::Tensor>& kv_deltas, double theta,
     const std::optional<at::Tensor>& t_theta) {
   check_attention_qkv(q, k, v, "k_pool", "v_pool", at::kCPU);
-  TORCH_CHECK(!kv_deltas, "cached_attention: kv_deltas is not implemented on this backend yet");
-  const auto ranges = sorted_nonempty(read_ranges(kv_ranges, k.size(1), "kv_ranges", q));
-  return attend(q, k, v, scale, {{0, q.size(1), 0}}, {ranges});
+  const std::vector<TokenRange> given = read_ranges(kv_ranges, k.size(1), "kv_ranges", q);
+  if (!kv_deltas)
+    return attend(q, k, v, scale, {{0, q.size(1), 0}}, {{sorted_nonempty(given), {}}});
+  // Keys are visited in pool order (sorted_nonempty's), but each range keeps its own table row.
+  const at::Tensor table = key_shift_table(*kv_deltas, t_theta, given.size(), k, theta);
+  KeySet set;
+  for (const IndexedRange& r : sorted_nonempty_indexed(given)) {
+    set.ranges.push_back(r.range);
+    set.rot.push_back(table.data_ptr<float>() + r.index * table.stride(0));
+  }
+  return attend(q, k, v, scale, {{0, q.size(1), 0}}, {set}, table);
 }
 
 }  // namespace

@@ -104,9 +104,10 @@ static int64_t scratch_floats(const AttnProblem& p) {
 // One query tile (rows [q0, q0 + nq) of batch b, head h) against the union of `ranges`.
 // Only raw pointers cross this boundary: no std template is instantiated under the target
 // pragma, so no ISA-specific copy of one can leak to the baseline code through the linker.
+// `rot` (kv_deltas): nullptr, or per range the row of its temporal rotation (AttnProblem).
 template <typename T>
 static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRange* ranges,
-                        int64_t num_ranges, float* scratch) {
+                        const float* const* rot, int64_t num_ranges, float* scratch) {
   const int64_t b = it.b, h = it.h, q0 = it.q0, nq = it.nq;
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const int64_t dvp = round_up(Dv, kCols);
@@ -143,12 +144,34 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
 
   for (int64_t r = 0; r < num_ranges; ++r) {
     const TokenRange rg = ranges[r];
+    // This range's (cos, sin) pairs for kv head hk, or nullptr: decided once per range.
+    const float* cs = rot != nullptr ? rot[r] + hk * p.rot_sh : nullptr;
+    const int64_t band = cs != nullptr ? 2 * p.rot_pairs : 0;
     for (int64_t j0 = rg.first; j0 < rg.second; j0 += kBlockK) {
       const int64_t nk = rg.second - j0 < kBlockK ? rg.second - j0 : kBlockK;
       // K^T (zero-padded to a full block) so the score GEMM walks contiguous rows of keys.
-      for (int64_t j = 0; j < nk; ++j) {
-        const T* kr = kb + (j0 + j) * p.k_sl;
-        for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+      if (cs == nullptr) {
+        for (int64_t j = 0; j < nk; ++j) {
+          const T* kr = kb + (j0 + j) * p.k_sl;
+          for (int64_t d = 0; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+        }
+      } else {
+        // The key as rope3d_shift_ would leave it: its temporal pairs rotated in float32 by
+        // the same table entries, in rope3d_shift_'s expression (x cc + x' ss, rotate_interleaved
+        // in cpu/rope3d_isa.h), so a float32 key matches the shifted pool's to float32 rounding
+        // (bit for bit where the compiler contracts both into the same FMAs). Not rounded back
+        // to T: a 16-bit key keeps the rotation's float32 digits. The block is loaded once per
+        // query tile (up to kBlockQ rows), so the rotation costs little beside the score GEMM.
+        for (int64_t j = 0; j < nk; ++j) {
+          const T* kr = kb + (j0 + j) * p.k_sl;
+          for (int64_t d = 0; d < band; d += 2) {
+            const float a = static_cast<float>(kr[d]), b = static_cast<float>(kr[d + 1]);
+            const float c = cs[d], sn = cs[d + 1];
+            Kt[d * kBlockK + j] = a * c + b * -sn;
+            Kt[(d + 1) * kBlockK + j] = b * c + a * sn;
+          }
+          for (int64_t d = band; d < D; ++d) Kt[d * kBlockK + j] = static_cast<float>(kr[d]);
+        }
       }
       if (nk < kBlockK)
         for (int64_t d = 0; d < D; ++d)
@@ -243,11 +266,11 @@ static void attend_tile(const AttnProblem& p, const WorkItem& it, const TokenRan
 }
 
 static void attend_tile_any(const AttnProblem& p, const WorkItem& it, const TokenRange* ranges,
-                            int64_t num_ranges, float* scratch) {
+                            const float* const* rot, int64_t num_ranges, float* scratch) {
   switch (p.dtype) {
-    case at::kFloat: return attend_tile<float>(p, it, ranges, num_ranges, scratch);
-    case at::kHalf: return attend_tile<at::Half>(p, it, ranges, num_ranges, scratch);
-    default: return attend_tile<at::BFloat16>(p, it, ranges, num_ranges, scratch);
+    case at::kFloat: return attend_tile<float>(p, it, ranges, rot, num_ranges, scratch);
+    case at::kHalf: return attend_tile<at::Half>(p, it, ranges, rot, num_ranges, scratch);
+    default: return attend_tile<at::BFloat16>(p, it, ranges, rot, num_ranges, scratch);
   }
 }
 

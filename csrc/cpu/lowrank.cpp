@@ -15,6 +15,8 @@
 //     (one kv head, so one GEMM serves all H * Lq query rows); w_uv is applied to the output.
 //     A NaN gives the NaN outputs decompressing gives; an Inf meets w_uk in another sum than
 //     the definition's, so its outputs are NaN alike but its lse may differ (+-inf vs NaN).
+// kv_deltas (positions as metadata) rotate the temporal band of each gathered k_r row by its
+// range's row of rope3d_shift_'s table, as the tile is gathered; the pools are only read.
 // Both keep the online-softmax state (max, sum, accumulator) of every query in float32 between
 // tiles, so the cost beyond the attention itself is one pass over the latent.
 //
@@ -29,6 +31,7 @@
 
 #include "lowrank_common.h"
 #include "ranges.h"
+#include "rope3d_common.h"
 #include "tensor_checks.h"
 
 namespace vidstream {
@@ -47,6 +50,32 @@ void gather_rows(const at::Tensor& pool, int64_t b, const int32_t* idx, int64_t 
   for (int64_t i = 0; i < nt; ++i) {
     const T* row = p + static_cast<int64_t>(idx[i]) * sl;
     for (int64_t j = 0; j < width; ++j) dst[i * width + j] = static_cast<float>(row[j * sc]);
+  }
+}
+
+// kv_deltas of the fused attention: token i of the ranges (in range order) belongs to range
+// rows[i], whose temporal rotation of k_r is table + rows[i] * row_stride (temporal_table()
+// for head dim d_r, one head). table == nullptr: no offsets.
+struct KrShift {
+  const float* table = nullptr;
+  const int32_t* rows = nullptr;
+  int64_t row_stride = 0, pairs = 0;
+};
+
+// Rotates the gathered k_r rows [n0, n0 + nt) (dst [nt, width], float32) as rope3d_shift_
+// would have rotated them in the pool: its table entries and expression (cpu/rope3d_isa.h),
+// so a float32 k_r matches the shifted pool's to float32 rounding (that code is built with
+// FMA, this without); 16-bit ones keep the float32 digits.
+void shift_gathered(float* dst, int64_t n0, int64_t nt, int64_t width, const KrShift& shift) {
+  if (shift.table == nullptr) return;
+  for (int64_t i = 0; i < nt; ++i) {
+    float* x = dst + i * width;
+    const float* cs = shift.table + shift.rows[n0 + i] * shift.row_stride;
+    for (int64_t t = 0; t < shift.pairs; ++t) {
+      const float a = x[2 * t], b = x[2 * t + 1], c = cs[2 * t], sn = cs[2 * t + 1];
+      x[2 * t] = a * c + b * -sn;
+      x[2 * t + 1] = b * c + a * sn;
+    }
   }
 }
 
@@ -142,8 +171,8 @@ void attend_tile(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 template <typename T>
 void attention_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
                       const at::Tensor& w_cat, const std::vector<int32_t>& idx, const at::Tensor& qg,
-                      bool absorb, const LowRankDims& d, at::Tensor& m, at::Tensor& l,
-                      at::Tensor& acc) {
+                      bool absorb, const LowRankDims& d, const KrShift& shift, at::Tensor& m,
+                      at::Tensor& l, at::Tensor& acc) {
   const int64_t N = static_cast<int64_t>(idx.size());
   const int64_t G = qg.size(1), R = qg.size(2);
   const int64_t per_head = d.d_nope + d.d_v, dk = d.d_nope + d.d_r;
@@ -155,7 +184,10 @@ void attention_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>&
     for (int64_t n0 = 0; n0 < N; n0 += kKvTile) {
       const int64_t nt = std::min(kKvTile, N - n0);
       gather_rows<T>(c_pool, b, idx.data() + n0, nt, ct.data_ptr<float>());
-      if (d.d_r) gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
+      if (d.d_r) {
+        gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
+        shift_gathered(rt.data_ptr<float>(), n0, nt, d.d_r, shift);
+      }
       const at::Tensor c_t = ct.narrow(0, 0, nt);
       const at::Tensor r_t = rt.narrow(0, 0, nt).narrow(1, 0, d.d_r);
       at::Tensor k_t, kv;
@@ -197,8 +229,8 @@ bool all_finite(const at::Tensor& t) { return at::isfinite(t).all().item<bool>()
 template <typename T>
 bool tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor>& k_r_pool,
                         const at::Tensor& w_cat, const std::vector<int32_t>& idx,
-                        const at::Tensor& qh, double scale, const LowRankDims& d, at::Tensor& acc,
-                        at::Tensor& lse) {
+                        const at::Tensor& qh, double scale, const LowRankDims& d,
+                        const KrShift& shift, at::Tensor& acc, at::Tensor& lse) {
   const int64_t N = static_cast<int64_t>(idx.size());
   const int64_t per_head = d.d_nope + d.d_v, dk = d.d_nope + d.d_r;
   at::Tensor ct = at::empty({kFlashChunk, d.d_c}, at::kFloat);
@@ -208,7 +240,10 @@ bool tiled_flash_kernel(const at::Tensor& c_pool, const std::optional<at::Tensor
     for (int64_t n0 = 0; n0 < N; n0 += kFlashChunk) {
       const int64_t nt = std::min(kFlashChunk, N - n0);
       gather_rows<T>(c_pool, b, idx.data() + n0, nt, ct.data_ptr<float>());
-      if (d.d_r) gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
+      if (d.d_r) {
+        gather_rows<T>(*k_r_pool, b, idx.data() + n0, nt, rt.data_ptr<float>());
+        shift_gathered(rt.data_ptr<float>(), n0, nt, d.d_r, shift);
+      }
       const at::Tensor kv = at::mm(ct.narrow(0, 0, nt), w_cat).view({nt, d.heads, per_head});
       at::Tensor k_t = k_heads.narrow(1, 0, nt);
       k_t.narrow(2, 0, d.d_nope).copy_(kv.narrow(2, 0, d.d_nope).transpose(0, 1));
@@ -240,11 +275,25 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     const at::Tensor& q, const at::Tensor& c_pool, const at::Tensor& w_uk, const at::Tensor& w_uv,
     const at::Tensor& kv_ranges, const std::optional<at::Tensor>& k_r_pool, double scale,
     bool absorb, const std::optional<at::Tensor>& kv_deltas, double theta) {
-  TORCH_CHECK(!kv_deltas,
-              "lowrank_cached_attention: kv_deltas is not implemented on this backend yet");
-  const std::vector<int32_t> idx = lowrank_tokens(c_pool, w_uk, w_uv, kv_ranges, k_r_pool);
+  check_lowrank_args(c_pool, w_uk, w_uv, k_r_pool, at::kCPU);
+  const std::vector<TokenRange> ranges =
+      read_ranges(kv_ranges, c_pool.size(1), "kv_ranges", c_pool);
+  const std::vector<int32_t> idx = range_tokens(ranges);
   check_lowrank_query(q, c_pool, w_uk, k_r_pool);
   const LowRankDims d = lowrank_dims(c_pool, w_uk, w_uv, k_r_pool);
+  // kv_deltas move k_r only (the latents carry no position); without k_r there is nothing to
+  // rotate and the offsets change nothing.
+  at::Tensor table;
+  std::vector<int32_t> token_rows;
+  KrShift shift;
+  if (kv_deltas) {
+    check_range_deltas(*kv_deltas, static_cast<int64_t>(ranges.size()), "kv_deltas");
+    if (d.d_r > 0) {
+      table = temporal_table(*kv_deltas, theta, std::nullopt, d.d_r, c_pool.device());
+      token_rows = range_token_rows(ranges);
+      shift = {table.data_ptr<float>(), token_rows.data(), table.stride(0), table.size(2)};
+    }
+  }
   const int64_t B = d.batch, Lq = q.size(1), H = d.heads;
   at::Tensor out = at::empty({B, Lq, H, d.d_v}, q.options());
   at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
@@ -261,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
                                     "lowrank_cached_attention_cpu", [&] {
                                       done = tiled_flash_kernel<scalar_t>(
-                                          c_pool, k_r_pool, w_cat, idx, qh, scale, d, acc, lse);
+                                          c_pool, k_r_pool, w_cat, idx, qh, scale, d, shift, acc,
+                                          lse);
                                     });
     if (done) {
       out.copy_(acc.permute({0, 2, 1, 3}));
@@ -288,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_cached_attention_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c_pool.scalar_type(),
                                   "lowrank_cached_attention_cpu", [&] {
                                     attention_kernel<scalar_t>(c_pool, k_r_pool, w_cat, idx, qg,
-                                                               absorb, d, m, l, acc);
+                                                               absorb, d, shift, m, l, acc);
                                   });
   // What torch.softmax / torch.logsumexp give (docs/spec.md). The key set is not
   // empty here, so l == 0 means every score was -inf: acc / l = 0 / 0 = NaN, lse -inf. A NaN

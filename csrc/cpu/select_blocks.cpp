@@ -3,6 +3,8 @@
 // kv head), then takes D-long dot products. "max" reduces the queries to their mean and takes one dot
 // product per key. Sums run in float64: they are O((|S| + tokens) * D) adds, cheap next to the
 // memory traffic, and keep the scores at least as accurate as eager float32.
+// block_deltas (keys scored where attention will see them) rotate, per block, the key sum
+// ("mean") or the mean query, backwards ("max"): never each key (see the loops).
 // Work is split over blocks; per-block arithmetic is fixed, so equal blocks score equally.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -85,12 +87,47 @@ inline void dot4_f(const float* a, const T* r0, const T* r1, const T* r2, const 
   out[3] = s3;
 }
 
+// q . (R k) over the head dim, R rotating the first 2 * pairs channels of k in adjacent pairs
+// by cs's (cos, sin): block_deltas' "mean" with the key sum rotated on the fly in float64 (the
+// rotation is linear, so it moves a block's key sum as it moves each key).
+template <typename K>
+inline double dot_rotated(const double* q, const K* k, const float* cs, int64_t pairs, int64_t D) {
+  double acc = 0.0;
+  for (int64_t t = 0; t < pairs; ++t) {
+    const double a = static_cast<double>(k[2 * t]), b = static_cast<double>(k[2 * t + 1]);
+    const double c = cs[2 * t], sn = cs[2 * t + 1];
+    acc += q[2 * t] * (a * c - b * sn) + q[2 * t + 1] * (a * sn + b * c);
+  }
+  for (int64_t d = 2 * pairs; d < D; ++d) acc += q[d] * static_cast<double>(k[d]);
+  return acc;
+}
+
+// dst = R^T q: q's first 2 * pairs channels rotated by minus cs's angles (sin negated, exact).
+inline void rotate_back(const float* q, const float* cs, int64_t pairs, int64_t D, float* dst) {
+  for (int64_t t = 0; t < pairs; ++t) {
+    const float a = q[2 * t], b = q[2 * t + 1], c = cs[2 * t], sn = cs[2 * t + 1];
+    dst[2 * t] = a * c + b * sn;
+    dst[2 * t + 1] = b * c - a * sn;
+  }
+  for (int64_t d = 2 * pairs; d < D; ++d) dst[d] = q[d];
+}
+
+// block_deltas as the scoring loops read them: block m's (cos, sin) pairs for kv head h are
+// rows + m * row_stride + h * head_stride (temporal_table()); rows == nullptr: no offsets.
+struct BlockShift {
+  const float* rows = nullptr;
+  int64_t row_stride = 0, head_stride = 0, pairs = 0;
+  const float* at(int64_t m, int64_t kv_head) const {
+    return rows + m * row_stride + kv_head * head_stride;
+  }
+};
+
 template <typename T>
 void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const SelectProblem& p,
                        const std::vector<TokenRange>& ranges, int64_t query_stride,
                        const std::vector<int64_t>& heads,
                        const std::vector<int64_t>& kv_of, double scale, const at::Tensor& sums,
-                       float* out) {
+                       const BlockShift& shift, float* out) {
   const int64_t B = p.batch, D = p.head_dim, Hs = static_cast<int64_t>(heads.size());
   const T* qp = q.data_ptr<T>();
   const T* kp = k_pool.data_ptr<T>();
@@ -146,10 +183,18 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
             double acc = 0.0;
             if (sp != nullptr) {
               const float* kv = sp + ((b * p.blocks + m) * p.kv_heads + kv_of[hi]) * D;
-              for (int64_t d = 0; d < D; ++d) acc += qv[d] * static_cast<double>(kv[d]);
+              if (shift.rows != nullptr) {
+                acc = dot_rotated(qv, kv, shift.at(m, kv_of[hi]), shift.pairs, D);
+              } else {
+                for (int64_t d = 0; d < D; ++d) acc += qv[d] * static_cast<double>(kv[d]);
+              }
             } else {
               const double* kv = ksum.data() + slot_of[hi] * D;
-              for (int64_t d = 0; d < D; ++d) acc += qv[d] * kv[d];
+              if (shift.rows != nullptr) {
+                acc = dot_rotated(qv, kv, shift.at(m, kv_of[hi]), shift.pairs, D);
+              } else {
+                for (int64_t d = 0; d < D; ++d) acc += qv[d] * kv[d];
+              }
             }
             total += acc;
           }
@@ -167,6 +212,7 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
   const int64_t avg_len = p.blocks ? p.pool_len / p.blocks + 1 : 1;
   at::parallel_for(0, p.blocks, grain_for(B * Hs * D * avg_len), [&](int64_t begin, int64_t end) {
     std::vector<double> best(Hs);
+    std::vector<float> qrot(shift.rows != nullptr ? D : 0);
     for (int64_t m = begin; m < end; ++m) {
       const int64_t s = ranges[m].first, e = ranges[m].second;
       if (s == e) {
@@ -178,6 +224,15 @@ void select_scores_cpu(const at::Tensor& q, const at::Tensor& k_pool, const Sele
         std::fill(best.begin(), best.end(), -std::numeric_limits<double>::infinity());
         for (int64_t hi = 0; hi < Hs; ++hi) {
           const float* qv = qbar.data() + (b * Hs + hi) * D;
+          if (shift.rows != nullptr) {
+            // block_deltas: (R q) . k = q . (R^T k), so the mean query turns back by the
+            // block's angles once, instead of every key of the block turning forward: one
+            // rotation per (block, head), not per key, with the same float32 table entries
+            // (R^T negates sin, exactly) and one float32 rounding of the band either way. A
+            // key is read as stored, so its NaN or Inf reaches the score as without offsets.
+            rotate_back(qv, shift.at(m, kv_of[hi]), shift.pairs, D, qrot.data());
+            qv = qrot.data();
+          }
           const T* k0 = kp + b * skb + kv_of[hi] * skh;
           float d4[4];
           int64_t j = s;
@@ -202,12 +257,20 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
     int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
     const std::optional<at::Tensor>& block_key_sums, const std::optional<at::Tensor>& block_deltas,
     double theta, const std::optional<at::Tensor>& t_theta) {
-  TORCH_CHECK(!block_deltas, "select_blocks: block_deltas is not implemented on this backend yet");
   check_select_blocks_args(q_in, k_in, k, query_stride, heads, at::kCPU);
   const std::vector<TokenRange> ranges =
       read_ranges(block_ranges, k_in.size(1), "block_ranges", q_in);
   const int64_t blocks = static_cast<int64_t>(ranges.size());
   check_block_key_sums(block_key_sums, q_in, k_in, blocks);
+  const at::Tensor table =
+      block_deltas ? block_shift_table(*block_deltas, t_theta, blocks, k_in, theta) : at::Tensor();
+  BlockShift shift;
+  if (table.defined()) {
+    shift.rows = table.data_ptr<float>();
+    shift.row_stride = table.stride(0);
+    shift.head_stride = table.size(1) > 1 ? table.stride(1) : 0;
+    shift.pairs = table.size(2);
+  }
   const SelectProblem p = select_problem(q_in, k_in, blocks, query_stride, score);
   // The inner loops walk the head dim with unit stride.
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
@@ -225,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cpu(
                                   [&] {
                                     select_scores_cpu<scalar_t>(q, k_pool, p, ranges,
                                                                 query_stride, hv, kv_of, scale,
-                                                                sums, sp);
+                                                                sums, shift, sp);
                                   });
   const std::vector<int64_t> top = topk_ascending(sp, p.blocks, k);
   at::Tensor idx = at::empty({static_cast<int64_t>(top.size())}, q.options().dtype(at::kLong));

@@ -76,13 +76,24 @@ std::tuple<at::Tensor, at::Tensor> cached_attention_cuda(
     double scale, const std::optional<at::Tensor>& kv_deltas, double theta,
     const std::optional<at::Tensor>& t_theta) {
   check_attention_qkv(q, k, v, "k_pool", "v_pool", at::kCUDA);
-  TORCH_CHECK(!kv_deltas, "cached_attention: kv_deltas is not implemented on this backend yet");
   check_cuda_serves(q, v);
   const at::Tensor ranges = ranges_tensor(kv_ranges, k.size(1), "kv_ranges", q);
+  TORCH_CHECK(ranges.size(0) <= INT32_MAX, "kv_ranges: too many ranges (", ranges.size(0), ")");
+  // Built on the device before the launch; freed after it returns, which the caching allocator
+  // makes safe (its memory is reused only by work queued later on this stream).
+  const size_t num_ranges = static_cast<size_t>(ranges.size(0));
+  const at::Tensor table =
+      kv_deltas ? key_shift_table(*kv_deltas, t_theta, num_ranges, k, theta) : at::Tensor();
   return attend(q, k, v, scale, &launch_cached_attention, "cached_attention",
                 [&](AttentionParams& p) {
                   p.ranges = ranges.data_ptr<int32_t>();
                   p.num_ranges = static_cast<int>(ranges.size(0));
+                  if (table.defined()) {
+                    p.k_rot = table.data_ptr<float>();
+                    p.k_rot_sr = table.stride(0);
+                    p.k_rot_sh = table.size(1) > 1 ? table.stride(1) : 0;
+                    p.k_rot_pairs = static_cast<int>(table.size(2));
+                  }
                 });
 }
 

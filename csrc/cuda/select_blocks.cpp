@@ -18,7 +18,6 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
     int64_t query_stride, at::IntArrayRef heads, c10::string_view score, double scale,
     const std::optional<at::Tensor>& block_key_sums, const std::optional<at::Tensor>& block_deltas,
     double theta, const std::optional<at::Tensor>& t_theta) {
-  TORCH_CHECK(!block_deltas, "select_blocks: block_deltas is not implemented on this backend yet");
   check_select_blocks_args(q_in, k_in, k, query_stride, heads, at::kCUDA);
   const at::Tensor ranges = ranges_tensor(block_ranges, k_in.size(1), "block_ranges", q_in);
   check_block_key_sums(block_key_sums, q_in, k_in, ranges.size(0));
@@ -40,6 +39,11 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
                               ? block_key_sums->to(q.device(), at::kFloat).contiguous()
                               : at::Tensor();
   const int64_t hs = static_cast<int64_t>(heads.size());
+  // Freed after the launch returns: safe, as the caching allocator reuses it only for work
+  // queued later on this stream.
+  const at::Tensor table = block_deltas
+                               ? block_shift_table(*block_deltas, t_theta, p.blocks, kp, theta)
+                               : at::Tensor();
   at::Tensor qpart =
       at::empty({p.batch * hs * kSelectQuerySplit * p.head_dim}, q.options().dtype(at::kDouble));
   at::Tensor counter = at::empty({1}, q.options().dtype(at::kInt));
@@ -64,6 +68,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks_cuda(
   a.mean = p.mean;
   a.key_sums = sums.defined() ? sums.data_ptr<float>() : nullptr;
   if (sums.defined()) strides3(sums, a.s_stride_b, a.s_stride_m, a.s_stride_h);
+  if (table.defined()) {
+    a.rot = table.data_ptr<float>();
+    a.rot_sm = table.stride(0);
+    a.rot_sh = table.size(1) > 1 ? table.stride(1) : 0;
+    a.rot_pairs = static_cast<int>(table.size(2));
+  }
   a.scale = static_cast<float>(scale);
   a.norm = p.mean ? scale / static_cast<double>(p.batch * hs * p.sampled)
                   : 1.0 / static_cast<double>(p.batch * hs);

@@ -7,7 +7,8 @@
 // ranges and which blocks need the mask follow the same arithmetic as the Triton kernel: for the
 // chunk form at most two ranges (sink, window) per query block, interior blocks unmasked; for the
 // cached form the given ranges (read on the device and clamped to the pool), only each range's
-// tail block masked.
+// tail block masked. With kv_deltas (cached form) each key tile is rotated as it is loaded
+// into shared memory (load_rows_rotated): the pool is only read.
 //
 // NaN and Inf follow docs/spec.md (Conventions): the running max propagates NaN (fmaxf would drop
 // it), a +inf score gives NaN (inf - inf) and lse +inf, allowed keys whose scores are all -inf give
@@ -106,6 +107,38 @@ __device__ __forceinline__ void load_rows(Dst dst, const T* src, int64_t stride_
   }
 }
 
+// load_rows<false, D> of keys with kv_deltas: the temporal pairs (channels < 2 * pairs) of
+// every row rotated by `cs` ((cos, sin) float32 pairs) in registers, between the global load
+// and the shared-memory store, with rope3d_shift_'s expression (kernels/rope3d.cu), and
+// rounded to T as rope3d_shift_ rounds its output: the MMA reads T, and a key tile loaded this
+// way is the tile of the shifted pool. Rows past row_end stay zeros (a rotated zero is zero).
+template <int D, typename T, typename Dst>
+__device__ __forceinline__ void load_rows_rotated(Dst dst, const T* src, int64_t stride_l,
+                                                  int64_t row0, int64_t row_end,
+                                                  const float* cs, int pairs) {
+  constexpr int kVecs = D / 8;
+  for (int c = threadIdx.x; c < kBlockN * kVecs; c += kThreads) {
+    const int r = c / kVecs, col = (c % kVecs) * 8;
+    const int64_t row = row0 + r;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row < row_end) val = *reinterpret_cast<const uint4*>(src + row * stride_l + col);
+    if (col < 2 * pairs) {  // the vector holds pairs col / 2 .. col / 2 + 3
+      T* e = reinterpret_cast<T*>(&val);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = col / 2 + i;
+        if (t < pairs) {
+          const float a = to_float(e[2 * i]), b = to_float(e[2 * i + 1]);
+          const float c_ = cs[2 * t], s_ = cs[2 * t + 1];
+          e[2 * i] = from_float<T>(a * c_ - b * s_);
+          e[2 * i + 1] = from_float<T>(a * s_ + b * c_);
+        }
+      }
+    }
+    *reinterpret_cast<uint4*>(&dst[r][col]) = val;
+  }
+}
+
 __device__ __forceinline__ bool chunk_allowed(const AttentionParams& p, int64_t i, int64_t j) {
   const int64_t fi = i / p.frame_tokens, fj = j / p.frame_tokens;
   const int64_t ci = fi / p.chunk_frames;
@@ -173,16 +206,21 @@ __device__ __forceinline__ void add_nonfinite_values(Tile<T, D>& t, Smem<T, D>& 
 }
 
 // One key block [n0, n0 + kBlockN) clipped at range_end; MASKED blocks evaluate the mask.
-template <typename T, int D, bool MASKED, bool CHUNK>
+// ROT: the keys are read through the rotation `cs` (kv_deltas; load_rows_rotated).
+template <typename T, int D, bool MASKED, bool CHUNK, bool ROT>
 __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, const AttentionParams& p,
                                              const T* kbase, const T* vbase, int64_t n0,
-                                             int64_t range_end, int64_t m0) {
+                                             int64_t range_end, int64_t m0, const float* cs) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
   // Rows of one tile may differ in the keys of this block they see: see add_nonfinite_values.
   constexpr bool kScrub = MASKED && CHUNK;
   __syncthreads();  // the previous block's readers are done with the buffers
-  load_rows<false, D>(sm.k, kbase, p.k_sl, n0, range_end);
+  if constexpr (ROT) {
+    load_rows_rotated<D>(sm.k, kbase, p.k_sl, n0, range_end, cs, p.k_rot_pairs);
+  } else {
+    load_rows<false, D>(sm.k, kbase, p.k_sl, n0, range_end);
+  }
   load_rows<true, D, kScrub>(sm.vt, vbase, p.v_sl, n0, range_end, &sm.nonfinite);
   __syncthreads();
   unsigned long long nonfinite = 0;
@@ -270,24 +308,26 @@ __device__ __forceinline__ void attend_block(Tile<T, D>& t, Smem<T, D>& sm, cons
 }
 
 // Blocks start at rs + i * kBlockN; those wholly inside [fs, fe) skip the mask.
-template <typename T, int D, bool CHUNK>
+template <typename T, int D, bool CHUNK, bool ROT = false>
 __device__ __forceinline__ void attend_range(Tile<T, D>& t, Smem<T, D>& sm,
                                              const AttentionParams& p, const T* kbase,
                                              const T* vbase, int64_t rs, int64_t re, int64_t fs,
-                                             int64_t fe, int64_t m0) {
+                                             int64_t fe, int64_t m0, const float* cs = nullptr) {
   if (re <= rs) return;
   const int64_t n_blocks = (re - rs + kBlockN - 1) / kBlockN;
   const int64_t lo = min(n_blocks, (max(fs - rs, int64_t(0)) + kBlockN - 1) / kBlockN);
   const int64_t hi = min(n_blocks, max(lo, max(fe - rs, int64_t(0)) / kBlockN));
   for (int64_t i = 0; i < lo; ++i)
-    attend_block<T, D, true, CHUNK>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0);
+    attend_block<T, D, true, CHUNK, ROT>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0, cs);
   for (int64_t i = lo; i < hi; ++i)
-    attend_block<T, D, false, CHUNK>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0);
+    attend_block<T, D, false, CHUNK, ROT>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0, cs);
   for (int64_t i = hi; i < n_blocks; ++i)
-    attend_block<T, D, true, CHUNK>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0);
+    attend_block<T, D, true, CHUNK, ROT>(t, sm, p, kbase, vbase, rs + i * kBlockN, re, m0, cs);
 }
 
-template <typename T, int D, bool CHUNK>
+// ROT (cached form with kv_deltas) is a separate instantiation, so the kernel without offsets
+// is exactly the one it was.
+template <typename T, int D, bool CHUNK, bool ROT>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __shared__ __align__(16) Smem<T, D> sm;
@@ -346,7 +386,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     for (int r = 0; r < p.num_ranges; ++r) {
       const TokenSpan s = clamped_range(p.ranges, r, p.kv_len);
       any_keys |= s.end > s.start;
-      attend_range<T, D, false>(t, sm, p, kbase, vbase, s.start, s.end, s.start, s.end, m0);
+      const float* cs = ROT ? p.k_rot + r * p.k_rot_sr + hk * p.k_rot_sh : nullptr;
+      attend_range<T, D, false, ROT>(t, sm, p, kbase, vbase, s.start, s.end, s.start, s.end, m0,
+                                     cs);
     }
   }
 
@@ -378,14 +420,14 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 #endif
 }
 
-template <typename T, bool CHUNK>
+template <typename T, bool CHUNK, bool ROT>
 cudaError_t launch_typed(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.q_len + kBlockM - 1) / kBlockM),
                   static_cast<unsigned>(p.batch * p.heads));
   if (p.head_dim == 128) {
-    attention_kernel<T, 128, CHUNK><<<grid, kThreads, 0, stream>>>(p);
+    attention_kernel<T, 128, CHUNK, ROT><<<grid, kThreads, 0, stream>>>(p);
   } else if (p.head_dim == 64) {
-    attention_kernel<T, 64, CHUNK><<<grid, kThreads, 0, stream>>>(p);
+    attention_kernel<T, 64, CHUNK, ROT><<<grid, kThreads, 0, stream>>>(p);
   } else {
     return cudaErrorInvalidValue;
   }
@@ -401,7 +443,12 @@ int launch(const AttentionParams& p, void* stream) {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor cores take 16-bit inputs only
     } else {
-      return launch_typed<T, CHUNK>(p, s);
+      if constexpr (CHUNK) {
+        return launch_typed<T, true, false>(p, s);
+      } else {
+        return p.k_rot != nullptr ? launch_typed<T, false, true>(p, s)
+                                  : launch_typed<T, false, false>(p, s);
+      }
     }
   });
 }

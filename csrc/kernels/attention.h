@@ -28,6 +28,13 @@ struct AttentionParams {
   // each range to [0, kv_len] and skips empty ones.
   const int32_t* ranges;
   int num_ranges;
+  // cached_attention's kv_deltas (k_rot == nullptr: none): device float32 (cos, sin) pairs,
+  // those of range r (the r-th row of ranges) and kv head h at k_rot + r * k_rot_sr +
+  // h * k_rot_sh (temporal_table(); k_rot_sh = 0 for one table head). Each key's first
+  // 2 * k_rot_pairs channels are rotated by its range's pairs as its tile is loaded.
+  const float* k_rot;
+  int64_t k_rot_sr, k_rot_sh;
+  int k_rot_pairs;
 };
 
 // Both return 0 on success or a cudaError_t value. Head dims 64 and 128, sm_80+.

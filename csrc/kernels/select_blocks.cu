@@ -3,6 +3,7 @@
 // those sums ("mean": block key sum, or the cached one; "max": one dot product per key with the
 // mean query) and writes s_m. The block that finishes last (threadfence + atomic ticket) ranks
 // the M scores and writes the k best indices in ascending order. All sums run in a fixed order.
+// block_deltas turn each (block, head)'s query sum back by the block's angles (see below).
 // NaN (docs/spec.md): a NaN key or sampled query makes its block's score NaN ("mean": the sums
 // carry it; "max": a NaN-propagating max, fmaxf would drop it), and NaN ranks above every number.
 #include <cuda_bf16.h>
@@ -125,12 +126,26 @@ __global__ void __launch_bounds__(kThreads) block_scores_kernel(SelectBlocksPara
       // This head's query sum (or mean, for "max"), added over the splits in order.
       double qv[kChunks];
       const double* qp = p.qpart + static_cast<int64_t>(b * p.num_heads + hi) * kSelectQuerySplit * D;
+      // block_deltas: scoring the keys rotated by R (block m's angles) against the query sum
+      // ("mean", with or without key sums: R is linear, R sum k = sum R k) or the mean query
+      // ("max") equals scoring the keys as stored against R^T q, in float64 here: one rotation
+      // per (block, head) instead of one per key, and a key's NaN or Inf reaches the score as
+      // without offsets. Each lane also sums its channel's pair partner d ^ 1.
+      const float* cs = p.rot != nullptr ? p.rot + m * p.rot_sm + kvh * p.rot_sh : nullptr;
+      const int band = cs != nullptr ? 2 * p.rot_pairs : 0;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int d = lane + 32 * c;
         double v = 0.0;
         if (d < D)
           for (int sp = 0; sp < kSelectQuerySplit; ++sp) v += qp[sp * D + d];
+        if (d < band) {
+          double w = 0.0;  // the partner's sum, added in the same order
+          for (int sp = 0; sp < kSelectQuerySplit; ++sp) w += qp[sp * D + (d ^ 1)];
+          const double co = cs[d & ~1], sn = cs[d | 1];
+          // R^T (a, b) = (a c + b s, b c - a s); v is a for even d, b for odd d.
+          v = (d & 1) ? v * co - w * sn : v * co + w * sn;
+        }
         qv[c] = p.mean ? v : v * inv_s;
       }
       const T* kb = static_cast<const T*>(p.k) + b * p.k_stride_b + kvh * p.k_stride_h;

@@ -33,6 +33,12 @@ struct SelectBlocksParams {
   bool mean;                  // score "mean" (else "max")
   const float* key_sums;      // optional device [B, M, H_kv, D] float32 ("mean" only)
   int64_t s_stride_b, s_stride_m, s_stride_h;
+  // block_deltas (rot == nullptr: none): device float32 (cos, sin) pairs of block m and kv head
+  // h at rot + m * rot_sm + h * rot_sh (temporal_table(); rot_sh = 0 for one table head);
+  // block m is scored as if its keys' first 2 * rot_pairs channels were rotated by them.
+  const float* rot;
+  int64_t rot_sm, rot_sh;
+  int rot_pairs;
   float scale;                // applied to each q.k ("max") or folded into norm ("mean")
   double norm;                // "mean": scale / (B * Hs * |S|); "max": 1 / (B * Hs)
   double* qpart;              // workspace [B * Hs, kSelectQuerySplit, D] float64 sums
