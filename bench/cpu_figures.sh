@@ -15,4 +15,6 @@ run bench/bench_select_blocks.py --device cpu --json "$R/bench_select_cpu.json"
 run bench/bench_select_blocks.py --device cpu --threads 1 --skip-attention \
   --json "$R/bench_select_cpu_1thread.json"
 run bench/bench_lowrank.py --device cpu --quick --json "$R/bench_lowrank_cpu_quick.json"
-run bench/bench_stream.py --preset tiny --device cpu --json "$R/bench_stream_tiny_cpu.json"
+run bench/bench_stream.py --preset tiny --device cpu --json "$R/bench_stream_tiny_cpu.json" \
+  --plot "$R/bench_stream_tiny_cpu.png"
+run bench/bench_offsets.py --json "$R/bench_offsets_cpu.json"

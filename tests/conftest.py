@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 import vidstream  # noqa: E402
 
 # A new seed every run, so the kernels keep meeting inputs they have not seen; printed in the
-# header, so a failure reproduces with VIDSTREAM_TEST_SEED=<seed>.
-SESSION_SEED = int(os.environ.get("VIDSTREAM_TEST_SEED", random.randrange(2**31)))
+# header, so a failure reproduces with VIDSTREAM_TEST_SEED=<seed>. Put in the environment here,
+# before pytest-xdist starts its workers, so that every worker draws with the same seed.
+SESSION_SEED = int(os.environ.setdefault("VIDSTREAM_TEST_SEED", str(random.randrange(2**31))))
 
 
 def pytest_report_header(config):

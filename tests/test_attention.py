@@ -421,13 +421,6 @@ def _delta_case(name, dtype, device):
     return q, k, v, kr, dict(kv_deltas=deltas, t_theta=t_theta)
 
 
-def _run_deltas(backend, fn, *args, **kwargs):
-    """``run``, skipping where the backend has no offsets yet (the Triton kernel, written
-    elsewhere)."""
-    try:
-        return run(backend, fn, *args, **kwargs)
-    except NotImplementedError as e:
-        pytest.skip(f"{backend}: {e}")
 
 
 def _poison_outputs(q, v):
@@ -449,11 +442,8 @@ def test_cached_attention_kv_deltas(backend, device, dtype, case):
     q, k, v, kr, kw = _delta_case(case, dtype, device)
     _serves(backend, q.shape[3], v.shape[3], dtype)
     _poison_outputs(q, v)
-    try:
-        _check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr), kw,
-               f"{backend} {case} {dtype}")
-    except NotImplementedError as e:
-        pytest.skip(f"{backend}: {e}")
+    _check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr), kw,
+           f"{backend} {case} {dtype}")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -468,7 +458,7 @@ def test_cached_attention_kv_deltas_contract(backend, device, dtype):
     q, k, v, kr, kw = _delta_case("mqa-t_theta-one-token", dtype, device)
     _serves(backend, q.shape[3], v.shape[3], dtype)
     shifted = vidstream.rope3d_shift_(k.clone(), kr, kw["kv_deltas"], t_theta=kw["t_theta"])
-    out, lse = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
+    out, lse = run(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
     ref_out, ref_lse = run(backend, vidstream.cached_attention, q, shifted, v, kr, return_lse=True)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out, ref_out, atol=4 * eps, rtol=4 * eps)
@@ -487,14 +477,14 @@ def test_cached_attention_kv_deltas_nan_inf(backend, device):
     dtype = _dt(backend)
     require(backend, "cached_attention", device, dtype)
     q, k, v, kr, kw = _delta_case("gqa-odd", dtype, device)
-    clean = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw)
+    clean = run(backend, vidstream.cached_attention, q, k, v, kr, **kw)
     k[:, 101:120] = float("nan")  # between ranges
     v[:, 101:120] = float("inf")
     k[:, 9, :, 0] = float("-inf")  # the empty range [9, 9) holds no token
-    out = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw)
+    out = run(backend, vidstream.cached_attention, q, k, v, kr, **kw)
     assert torch.equal(out, clean)
     k[1, 40, 1, 3] = float("nan")  # batch 1, kv head 1, a temporal channel, inside [30, 101)
-    out, lse = _run_deltas(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
+    out, lse = run(backend, vidstream.cached_attention, q, k, v, kr, **kw, return_lse=True)
     oracle, oracle_lse = reference.cached_attention(q.double(), k.double(), v.double(), kr, **kw,
                                                     return_lse=True)
     assert torch.equal(torch.isnan(out).cpu(), torch.isnan(oracle).cpu())

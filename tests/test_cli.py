@@ -82,8 +82,7 @@ FAILURES = {
     "--device cuda:x": "--device must be cpu, cuda or cuda:N, got 'cuda:x'",
     "--chunk-frames 0": "--chunk-frames must be an int >= 1, got 0",
     "--sink-frames -2": "--sink-frames must be an int >= 0, got -2",
-    "--sink-frames 4": "--sink-frames (4) and --recent-frames (6) must be multiples of "
-                       "--chunk-frames (3)",
+    "--recent-frames -1": "--recent-frames must be an int >= 0, got -1",
     "--timesteps 1000 -250": "--timesteps must be numbers in (0, 1000], got (1000, -250)",
     "--frames 0": "--frames must be an int >= 1, got 0",
     "--seed -1": "--seed must be an int >= 0, got -1",
@@ -191,7 +190,7 @@ def test_help_shows_choices_and_defaults(capsys):
         cli.main(["demo", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--preset {tiny,wan-1.3b}" in out and "(default: tiny)" in out
+    assert "--preset {tiny,wan-1.3b,wan-14b}" in out and "(default: tiny)" in out
     assert "(default: 2000)" in out and "(default: [1000, 750, 500, 250])" in out
     assert "(default: None)" not in out and "(default: False)" not in out
 

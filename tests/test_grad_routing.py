@@ -1,6 +1,7 @@
-"""Until the kernels have backward passes (issue #14), an op whose inputs require grad runs on a
-backend autograd can differentiate (``torch``, else ``reference``), so a gradient is never
-silently missing; a kernel backend forced for such inputs refuses with a clear error."""
+"""An op whose inputs require grad runs on its default kernel where that kernel has a backward
+here (issue #14: ``Op.has_backward``, per op and backend), else on a backend autograd
+differentiates (``torch``, else ``reference``), so a gradient is never silently missing; a kernel
+backend without a backward, forced for such inputs, refuses with an error naming op and backend."""
 
 from __future__ import annotations
 
@@ -105,15 +106,49 @@ def test_default_gives_the_gradient(op):
 @pytest.mark.parametrize("op", list(CASES))
 def test_without_grad_the_kernel_still_runs(op):
     x = torch.randn(1, 4, 2, 8)
-    assert backend.op(op).resolve_name(x, grad=False) == "cpu"
-    assert backend.op(op).resolve_name(x, grad=True) in backend.DIFFERENTIABLE
+    o = backend.op(op)
+    assert o.resolve_name(x, grad=False) == "cpu"
+    chosen = o.resolve_name(x, grad=True)
+    assert o.has_backward(chosen)
+    # the kernel itself where it has a backward here, PyTorch's own ops otherwise
+    assert chosen == ("cpu" if o.has_backward("cpu") else "torch")
     with torch.no_grad():
         assert not backend.needs_grad(x.requires_grad_())
 
 
-def test_forced_kernel_backend_refuses_inputs_that_require_grad():
-    q, k, v = _leaves((1, 4, 2, 8), (1, 4, 1, 8), (1, 4, 1, 8), dtype=torch.float32)
-    with vidstream.use_backend("cpu"), pytest.raises(ValueError, match="no backward"):
-        vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=1)
+def test_kernels_with_a_backward_stay_the_default():
+    """rope3d's backward is the C++ op itself (the inverse rotation), lowrank_decompress's is
+    PyTorch ops: both always have one on cpu."""
+    x = torch.randn(1, 4, 2, 8)
+    for op in ("rope3d", "lowrank_decompress"):
+        assert backend.op(op).has_backward("cpu")
+        assert backend.op(op).resolve_name(x, grad=True) == "cpu"
+    for op in ("rope3d_shift_", "rope3d_store_"):  # in place: no backward on any kernel
+        assert not backend.op(op).has_backward("cpu")
+        assert backend.op(op).resolve_name(x, grad=True) == "torch"
+
+
+@pytest.mark.parametrize("op", ["rope3d_shift_", "rope3d_store_"])
+def test_forced_kernel_backend_without_backward_refuses(op):
+    leaves, run = CASES[op](torch.float32)
+    with vidstream.use_backend("cpu"), pytest.raises(
+            ValueError, match=rf"vidstream\.{op} has no backward on the 'cpu' backend"):
+        run()
     with vidstream.use_backend("cpu"), torch.no_grad():
-        vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=1)  # inference is fine
+        run()  # inference is fine
+
+
+def test_forced_kernel_backend_with_backward_gives_the_gradient():
+    got = _grads(_rope3d, torch.float32, "cpu")
+    want = _grads(_rope3d, torch.float64, "reference")
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_backward_kernel_is_named():
+    """Where the build lacks an attention backward kernel, the forced backend says which."""
+    o = backend.op("chunk_attention")
+    if o.has_backward("cpu"):
+        pytest.skip("this build has the CPU attention backward")
+    q, k, v = _leaves((1, 4, 2, 8), (1, 4, 1, 8), (1, 4, 1, 8), dtype=torch.float32)
+    with vidstream.use_backend("cpu"), pytest.raises(ValueError, match="chunk_attention_backward"):
+        vidstream.chunk_attention(q, k, v, frame_tokens=2, chunk_frames=1)

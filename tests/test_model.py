@@ -61,6 +61,16 @@ def test_wan_1_3b_preset_shapes():
         1536, 8960, 30, 256, 4096)
 
 
+def test_wan_14b_preset_shapes():
+    c = PRESETS["wan-14b"]  # Wan2.1 wan/configs/wan_t2v_14B.py, shared_config.text_len
+    assert (c.dim, c.num_heads, c.num_layers, c.ffn_dim, c.freq_dim, c.text_dim, c.text_len) == (
+        5120, 40, 40, 13824, 256, 4096, 512)
+    assert c.latent_hw == (480 // 8, 832 // 8) and c.frame_shape == (30, 52) and c.head_dim == 128
+    with torch.device("meta"):
+        m = StreamingDiT("wan-14b")
+    assert 13.5e9 < sum(p.numel() for p in m.parameters()) < 14.5e9
+
+
 def _synthetic_checkpoint(cfg):
     g = torch.Generator().manual_seed(7)
     return {k: torch.randn(shape, generator=g) * 0.1
@@ -90,13 +100,16 @@ def test_from_pretrained_loads_wan_key_names(tmp_path, fmt):
         save_file(dict(items[:half]), str(tmp_path / "diffusion_pytorch_model-00001-of-00002.safetensors"))
         save_file(dict(items[half:]), str(tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"))
         with open(tmp_path / "config.json", "w") as f:
-            f.write('{"num_heads": 4, "dim": 64}')
+            f.write('{"num_heads": 4, "dim": 64, "text_len": 8}')
         path = str(tmp_path)
-    else:  # Self-Forcing: {"generator_ema": {"model.<wan key>": ...}}
+    else:  # Self-Forcing: {"generator": {"model.<wan key>": ...}, "generator_ema": {...}}
         path = str(tmp_path / "self_forcing.pt")
-        torch.save({"generator_ema": {f"model.{k}": v for k, v in state.items()}}, path)
-    m = StreamingDiT.from_pretrained(path, num_heads=None if fmt == "folder" else 4)
+        torch.save({"generator": {f"model.{k}": v for k, v in state.items()},
+                    "generator_ema": {f"model.{k}": -v for k, v in state.items()}}, path)
+    given = {} if fmt == "folder" else {"num_heads": 4, "text_len": 8}  # folder: config.json's
+    m = StreamingDiT.from_pretrained(path, **given)
     assert m.config.num_layers == 3 and m.config.num_heads == 4 and m.config.dim == 64
+    assert m.config.text_len == 8
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
     ref = StreamingDiT(cfg)
@@ -141,3 +154,5 @@ def test_bad_inputs():
         m.text_kv(torch.randn(1, 4, 7))
     with pytest.raises(ValueError, match="preset"):
         StreamingDiT("wan-14b-typo")
+    with pytest.raises(ValueError, match="more than the model's text_len=8"):
+        m.text_kv(torch.randn(1, 9, m.config.text_dim))

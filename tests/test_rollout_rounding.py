@@ -2,8 +2,10 @@
 
 Each in-place ``rope3d_shift_`` rounds the temporal band once, so a key shifted n times by one
 frame carries about n roundings: the error grows linearly with the number of re-rotations. The
-bounded cache re-rotates keys when partitions move, so its keys pick up that error over a video.
-(Positions as metadata, issue #12, removes the cause; then the cache test below tightens.)"""
+legacy bounded cache (``rerotate=True``) re-rotates keys when partitions move, so its keys pick up
+that error over a video. Positions as metadata (issue #12) removed the cause: the bounded cache
+stores every key once and never re-rotates it (tests/test_positions.py measures the attention
+logits over a 3,000-frame rollout)."""
 
 import pytest
 import torch
@@ -43,10 +45,13 @@ def test_repeated_shift_error_grows_at_most_linearly(backend, dtype):
           + ", ".join(f"{errors[n]:.3g}" for n in SHIFTS))
 
 
-def test_cache_keys_after_a_rollout_with_lowest_eviction():
-    """bfloat16 bounded cache in lockstep with a float64 one on the same inputs: the keys it
-    holds after 40 chunks of re-rotation stay within 1.5% of the float64 cache's (measured 1.3%:
-    keys are re-rotated every time a partition before them moves)."""
+@pytest.mark.parametrize("rerotate", [False, True])
+def test_cache_keys_after_a_rollout_with_lowest_eviction(rerotate):
+    """bfloat16 bounded cache in lockstep with a float64 one on the same inputs. The keys the
+    metadata cache holds are the keys as written, whatever the rollout's length: the input's
+    rounding and the rotation's from the float64 cache's (measured 0.41%); the legacy cache
+    re-rotates them every time a partition before them moves and stays within 1.5% (measured
+    1.3%)."""
     from vidstream.streaming.bounded_cache import StreamingKVCache
     from vidstream.streaming.compressors import AvgPoolCompressor
     from vidstream.streaming.config import CacheConfig
@@ -55,7 +60,7 @@ def test_cache_keys_after_a_rollout_with_lowest_eviction():
                       mid_evict="lowest")
     caches = {dt: StreamingKVCache(num_layers=1, batch=1, kv_heads=2, head_dim=64,
                                    frame_shape=(2, 2), config=cfg, dtype=dt,
-                                   compressor=AvgPoolCompressor(1, 1))
+                                   compressor=AvgPoolCompressor(1, 1), rerotate=rerotate)
               for dt in (torch.bfloat16, torch.float64)}
     g = torch.Generator().manual_seed(5)
     worst = 0.0
@@ -68,5 +73,5 @@ def test_cache_keys_after_a_rollout_with_lowest_eviction():
         k16 = caches[torch.bfloat16].k_pool.double()
         k64 = caches[torch.float64].k_pool
         worst = max(worst, float((k16 - k64).abs().max() / k64.abs().max()))
-    print(f"\nworst relative key error over the rollout: {worst:.3%}")
-    assert worst <= 0.015
+    print(f"\nrerotate={rerotate}: worst relative key error over the rollout: {worst:.3%}")
+    assert worst <= (0.015 if rerotate else 0.0045)

@@ -397,11 +397,6 @@ def _deltas_for(M):
     return d.tolist()
 
 
-def _run_deltas(backend, fn, *args, **kwargs):
-    try:
-        return run(backend, fn, *args, **kwargs)
-    except NotImplementedError as e:  # a backend whose offsets are written elsewhere
-        pytest.skip(f"{backend}: {e}")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -422,8 +417,8 @@ def test_block_deltas(backend, device, dtype, case, score, sums):
     kw = dict(query_stride=stride, heads=heads, score=score, scale=q.shape[3] ** -0.5, **rope)
     oracle = reference.block_scores(q.double(), kp.double(), r, **kw)
     eager = reference.block_scores(q, kp, r, **kw, block_key_sums=key_sums)
-    scores = _run_deltas(backend, selection.block_scores, q, kp, r, **kw, block_key_sums=key_sums)
-    idx = _run_deltas(backend, vidstream.select_blocks, q, kp, r, k, **kw,
+    scores = run(backend, selection.block_scores, q, kp, r, **kw, block_key_sums=key_sums)
+    idx = run(backend, vidstream.select_blocks, q, kp, r, k, **kw,
                       block_key_sums=key_sums)
     assert scores.dtype == torch.float32 and scores.device == q.device
     what = f"{backend} {case} {score} sums={sums} {dtype}"
@@ -448,7 +443,7 @@ def test_block_deltas_nan_and_empty(backend, device, score):
     kp[0, 35, 1, 2] = float("nan")  # block 4, kv head 1, a temporal channel
     kw = dict(query_stride=2, heads=[0, 3], score=score, block_deltas=[2.5, -1.0, 0.5, 7.0, -3.25],
               t_theta=torch.tensor([9000.0, 11000.0], device=device))
-    s = _run_deltas(backend, selection.block_scores, q, kp, r, **kw).cpu()
+    s = run(backend, selection.block_scores, q, kp, r, **kw).cpu()
     oracle = reference.block_scores(q.double(), kp.double(), r, **kw)
     empty = 0.0 if score == "mean" else float("-inf")
     assert s[1] == empty and s[3] == empty

@@ -109,6 +109,24 @@ def test_fused_generator_equals_reference_generator(evict):
     assert (c - a).abs().max() > 1e-3
 
 
+def test_partial_last_chunk_and_rerotating_cache_equal_reference():
+    """A partial last chunk (frame-granular eviction keeps recent_frames frames before it), and
+    the legacy re-rotating cache (rerotate=True) against the naive reference, mid blocks on."""
+    m = _model(num_layers=1)
+    kw = dict(chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=2, top_k=1,
+              mid_evict="lowest", select_stride=3, seed=6, timesteps=(1000, 500))
+    text = _text(m)
+    b = StreamingGenerator(m, cache="naive", **kw).generate(text, 17)  # 5 chunks of 3, then 2
+    a = StreamingGenerator(m, cache="bounded", **kw).generate(text, 17)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    g = StreamingGenerator(m, **kw)
+    c = g.cache
+    g.cache = StreamingKVCache(num_layers=1, batch=1, kv_heads=c.k_pool.shape[3],
+                               head_dim=c.k_pool.shape[4], frame_shape=(c.h, c.w), config=g.config,
+                               rerotate=True)
+    torch.testing.assert_close(g.generate(text, 17), b, atol=1e-4, rtol=1e-4)
+
+
 def test_generator_uses_selection_and_mid_memory():
     m = _model()
     g = StreamingGenerator(m, chunk_frames=3, sink_frames=3, recent_frames=3, mid_blocks=4, top_k=2)
@@ -223,8 +241,12 @@ def test_memory_fixed_and_reported():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="multiples of chunk_frames"):
-        CacheConfig(chunk_frames=3, sink_frames=2)
+    CacheConfig(chunk_frames=3, sink_frames=2, recent_frames=5)  # frames of any count (#13)
+    with pytest.raises(ValueError, match="window"):
+        CacheConfig(chunk_frames=3, sink_frames=3, recent_frames=12, positions="absolute",
+                    max_frames_rope=16)
+    with pytest.raises(ValueError, match="positions"):
+        CacheConfig(positions="rope")
     with pytest.raises(ValueError, match="max_frames_rope"):
         CacheConfig(chunk_frames=3, sink_frames=3, recent_frames=600, mid_blocks=200, top_k=150)
     with pytest.raises(ValueError, match="mid_evict"):

@@ -134,6 +134,9 @@ def _attention(dt):
         pool = torch.randn(1, 96, 2, D, generator=g).to(dt)
         _label[0] = f"D={D}"
         vidstream.cached_attention(q[:, :32], pool, pool, [(0, 16), (32, 80)])
+        _label[0] = f"D={D} kv_deltas"  # issue #12: the key tiles rotated as they are loaded
+        vidstream.cached_attention(q[:, :32], pool, pool, [(0, 16), (32, 80)],
+                                   kv_deltas=[-2.5, 3.0], t_theta=torch.tensor([1.0e4, 2.0e4]))
 
 
 def _lowrank(dt):
@@ -150,6 +153,11 @@ def _lowrank(dt):
         vidstream.lowrank_decompress(c, w_uk, w_uv, [(0, 16), (32, 60)], k_r)
         vidstream.lowrank_cached_attention(q, c, w_uk, w_uv, [(0, 16), (32, 60)], k_r_pool=k_r,
                                            strategy="absorb")
+        if d_r:  # issue #12: k_r rotated per token as it is loaded
+            _label[0] = f"d_c={d_c} d_r={d_r} kv_deltas"
+            vidstream.lowrank_cached_attention(q, c, w_uk, w_uv, [(0, 16), (32, 60)],
+                                               k_r_pool=k_r, kv_deltas=[1.5, -3.0],
+                                               strategy="absorb")
 
 
 def _rope(dt):
@@ -175,13 +183,37 @@ def _select(dt):
     blocks = [(16 * i, 16 * i + 16) for i in range(8)]
     sums = vidstream.ops.select_blocks.block_key_sums(k_pool, blocks)
     for score, s in (("mean", None), ("mean", sums), ("max", None)):
-        _label[0] = f"score={score}" + (" key sums" if s is not None else "")
-        vidstream.select_blocks(q, k_pool, blocks, 3, query_stride=4, score=score,
-                                block_key_sums=s)
+        for deltas in (None, [0.5 * i - 2 for i in range(8)]):  # issue #12: block offsets
+            _label[0] = f"score={score}" + (" key sums" if s is not None else "") + (
+                " block_deltas" if deltas else "")
+            vidstream.select_blocks(q, k_pool, blocks, 3, query_stride=4, score=score,
+                                    block_key_sums=s, block_deltas=deltas,
+                                    t_theta=torch.tensor([1.0e4, 2.0e4]))
 
 
-SCENARIOS = {"attention": _attention, "lowrank": _lowrank, "rope3d": _rope,
-             "select_blocks": _select}
+def _attention_backward(dt):
+    from vidstream.triton_kernels import attention_backward as ab
+
+    g = torch.Generator().manual_seed(0)
+    for D in HEAD_DIMS:
+        q = torch.randn(1, 64, 4, D, generator=g).to(dt)
+        k = torch.randn(1, 64, 2, D, generator=g).to(dt)
+        out = torch.randn(1, 64, 4, D, generator=g).to(dt)
+        lse = torch.zeros(1, 4, 64)
+        for window in (None, 4):
+            _label[0] = f"D={D} window={window}"
+            ab.chunk_attention_backward_triton(out, q, k, k, out, lse, 8, 2, 2, window, 0.1)
+        pool = torch.randn(1, 96, 2, D, generator=g).to(dt)
+        ranges = torch.tensor([[0, 16], [32, 80]], dtype=torch.int32)
+        deltas = torch.tensor([1.0, -2.5], dtype=torch.float64)
+        for d, tt in ((None, None), (deltas, torch.tensor([1.0e4, 2.0e4]))):
+            _label[0] = f"D={D} kv_deltas={d is not None}"
+            ab.cached_attention_backward_triton(out[:, :32], q[:, :32], pool, pool, out[:, :32],
+                                                lse[:, :, :32], ranges, 0.1, d, 10000.0, tt)
+
+
+SCENARIOS = {"attention": _attention, "attention_backward": _attention_backward,
+             "lowrank": _lowrank, "rope3d": _rope, "select_blocks": _select}
 
 
 # ----------------------------------------------------------------------------- compile jobs
@@ -234,7 +266,7 @@ def _variant(dtype: str, jit: JITFunction, constexprs: dict, label: str) -> str:
     return " ".join([dtype] + flags + ([label] if label else []))
 
 
-def build_jobs(target: GPUTarget, configs: str, only: list) -> tuple:
+def build_jobs(target: GPUTarget, configs: str, only: list, skip=()) -> tuple:
     backend = make_backend(target)
     jobs: dict = {}
     launched = set()
@@ -243,6 +275,8 @@ def build_jobs(target: GPUTarget, configs: str, only: list) -> tuple:
         if only and scen not in only:
             continue
         for dname, dt in DTYPES.items():
+            if f"{scen}:{dname}" in skip:
+                continue
             _launches.clear()
             with recording():
                 fn(dt)
@@ -411,6 +445,9 @@ def main(argv=None) -> int:
                     help="seconds per compile before it is stopped and reported slow (0: none)")
     ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=[],
                     help="only these op families")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="FAMILY:DTYPE",
+                    help="family x dtype pairs not compiled, e.g. attention_backward:fp32 (its "
+                         "IEEE float32 kernels take minutes each on 2 cores)")
     ap.add_argument("--head-dims", default="128",
                     help="comma-separated attention head dims (default 128, the model's)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each signature")
@@ -419,7 +456,11 @@ def main(argv=None) -> int:
     HEAD_DIMS[:] = [int(d) for d in a.head_dims.split(",")]
     t_start = time.perf_counter()
     target = GPUTarget("cuda", a.arch, 32)  # what the CUDA driver reports: warp size 32
-    jobs, launched, t_rec = build_jobs(target, a.configs, a.only)
+    bad = [s for s in a.skip if s.partition(":")[0] not in SCENARIOS or s.partition(":")[2] not in DTYPES]
+    if bad:
+        ap.error(f"--skip takes FAMILY:DTYPE with a family of {sorted(SCENARIOS)} and a dtype of "
+                 f"{sorted(DTYPES)}, got {bad}")
+    jobs, launched, t_rec = build_jobs(target, a.configs, a.only, set(a.skip))
     missing = [] if a.only else uncovered(launched)
     _JOBS[:] = jobs
     _TARGET[:] = [target]

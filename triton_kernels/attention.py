@@ -11,6 +11,16 @@ chunks c_lo..c_hi the keys are at most two ranges (sink, window), blocks outside
 visited, blocks every row may see take the unmasked path, and only the boundary blocks evaluate
 the mask. The cached form walks the given ranges; only each range's tail block is masked.
 
+Per-range temporal offsets (``kv_deltas``, issue #12 "positions as metadata", docs/spec.md §2):
+the cache keeps its keys rotated at the positions they were written at, and the kernel reads
+range r as if rope3d_shift_ had moved it by kv_deltas[r] frames, without writing the pool. The
+wrapper turns the float64 offsets into a float32 (cos, sin) table [R, H_kv or 1, c_t, 2] (the
+angles formed in float64 and rounded once, exactly as rope3d_shift_ forms them), and each key
+tile's temporal band is rotated in float32 as it is loaded, then rounded to the key dtype: the
+same values the shifted pool would hold. The rotation sits behind the constexpr HAS_DELTAS, so
+the kernel without offsets compiles to what it was (all-zero offsets never reach it: the Python
+layer drops them, and the op is then the one without offsets, bit for bit).
+
 NaN and Inf follow docs/spec.md (Conventions): keys past a range end are never loaded; masked
 scores become -inf before the NaN-propagating running max; where one block's mask differs by
 row (a query tile spanning chunks) and its values hold a NaN or Inf, P @ V is taken key by key
@@ -26,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vidstream.ops.rope_math import cos_sin, rope_bands, temporal_angles
 
 from ._ieee import finalize, running_max
 
@@ -63,7 +75,8 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   MASKED: tl.constexpr, CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, k_cos=1.0, k_sin=0.0, HAS_DELTAS: tl.constexpr = False,
+                  C_T: tl.constexpr = 0):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
@@ -78,6 +91,8 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
                     mask=(offs_d < D)[None, :], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
                     mask=(offs_e < DV)[None, :], other=0.0)
+    if HAS_DELTAS:
+        k = _rotate_band(k, k_ptr, offs_n, offs_d, sk_l, range_end, k_cos, k_sin, MASKED, C_T)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -124,6 +139,44 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
 
 
 @triton.jit
+def _rotate_band(k, k_ptr, offs_n, offs_d, sk_l, range_end, k_cos, k_sin, MASKED: tl.constexpr,
+                 C_T: tl.constexpr):
+    """The key tile k [BLOCK_N, BLOCK_D] with its temporal band (channels < 2 C_T) rotated by
+    one range's offset, rounded once to k's dtype as rope3d_shift_ rounds the pool.
+
+    Pair (2p, 2p+1) turns into (a cos - b sin, a sin + b cos): channel d takes
+    k[d] * cos + k[d ^ 1] * sin_signed, with ``k_cos``/``k_sin`` [BLOCK_D] the range's table row
+    spread over channels (sin negated on even channels). The partner comes from a second load at
+    d ^ 1 rather than from a reshape/split/join of k: the tile keeps the register layout the
+    dot operand wants (no shuffle through shared memory), the partner's bytes are in the lines
+    the first load just brought (L1 hits), and only the band (a third of D) is loaded twice.
+    The products are float32 whatever k's dtype, in the order rope3d_shift_ forms them, so
+    without FMA contraction (the interpreter) the rotated key equals the shifted pool's bit for
+    bit. Channels outside the band are taken as loaded (a where, not a multiply by 1 and 0,
+    which would turn an Inf partner into NaN)."""
+    band = offs_d < 2 * C_T
+    if MASKED:
+        pmask = (offs_n < range_end)[:, None] & band[None, :]
+    else:
+        pmask = band[None, :]
+    kp = tl.load(k_ptr + offs_n[:, None] * sk_l + (offs_d ^ 1)[None, :], mask=pmask, other=0.0)
+    rot = k.to(tl.float32) * k_cos[None, :] + kp.to(tl.float32) * k_sin[None, :]
+    return tl.where(band[None, :], rot.to(k.dtype), k)
+
+
+@triton.jit
+def _range_rotation(tab_ptr, BLOCK_D: tl.constexpr, C_T: tl.constexpr):
+    """(cos, signed sin) [BLOCK_D] of one range and kv head from its float32 table row
+    [C_T, 2]: channel d reads pair d // 2, its sin negated on even d; 1 and 0 past the band."""
+    offs_d = tl.arange(0, BLOCK_D)
+    band = offs_d < 2 * C_T
+    row = tab_ptr + (offs_d // 2) * 2
+    cos = tl.load(row, mask=band, other=1.0)
+    sin = tl.load(row + 1, mask=band, other=0.0)
+    return cos, tl.where(offs_d % 2 == 0, -sin, sin)
+
+
+@triton.jit
 def _allowed_pv(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N: tl.constexpr, DV: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
     """sum over keys j of p[:, j] * v[j], each row over the keys it may see (``ok``) only: IEEE
@@ -147,7 +200,8 @@ def _attend_range(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs, re, fs, fe, of
                   ft, cf, sink, window,
                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+                  CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                  k_cos=1.0, k_sin=0.0, HAS_DELTAS: tl.constexpr = False, C_T: tl.constexpr = 0):
     # Blocks start at rs + t * BLOCK_N. Those wholly inside [fs, fe) (keys every row may see)
     # skip the mask; the ones before and after it evaluate it.
     n_blocks = tl.cdiv(tl.maximum(re - rs, 0), BLOCK_N)
@@ -157,17 +211,20 @@ def _attend_range(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs, re, fs, fe, of
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
                                       offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
                                       BLOCK_D, BLOCK_DV,
-                                      True, CHUNK_MASK, HAS_WINDOW, IEEE)
+                                      True, CHUNK_MASK, HAS_WINDOW, IEEE, k_cos, k_sin,
+                                      HAS_DELTAS, C_T)
     for t in range(t_lo, t_hi):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
                                       offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
                                       BLOCK_D, BLOCK_DV,
-                                      False, CHUNK_MASK, HAS_WINDOW, IEEE)
+                                      False, CHUNK_MASK, HAS_WINDOW, IEEE, k_cos, k_sin,
+                                      HAS_DELTAS, C_T)
     for t in range(t_hi, n_blocks):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, rs + t * BLOCK_N, re,
                                       offs_m, qk_scale, ft, cf, sink, window, BLOCK_N, D, DV,
                                       BLOCK_D, BLOCK_DV,
-                                      True, CHUNK_MASK, HAS_WINDOW, IEEE)
+                                      True, CHUNK_MASK, HAS_WINDOW, IEEE, k_cos, k_sin,
+                                      HAS_DELTAS, C_T)
     return acc, m_i, l_i
 
 
@@ -244,9 +301,10 @@ def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, num_ranges,
                              Lq, heads, group, qk_scale,
                              sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                             so_b, so_l, so_h,
+                             so_b, so_l, so_h, tab_ptr, tab_sr, tab_sh,
                              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, IEEE: tl.constexpr,
+                             HAS_DELTAS: tl.constexpr, C_T: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -265,9 +323,22 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ranges_ptr, nu
         rs = tl.load(ranges_ptr + 2 * r)
         re = tl.load(ranges_ptr + 2 * r + 1)
         n_keys += re - rs
+        if HAS_DELTAS:
+            # Positions as metadata (docs/spec.md §2): the range's keys are read as if
+            # rope3d_shift_-ed by its offset; one table row per (range, kv head), loaded once
+            # per range, and the rotation happens on each key tile as it is loaded. The keys are
+            # rotated, not the query tile by -delta (the cheaper rotation for long ranges): in
+            # 16 bits the rotated query would be rounded once for every key of the range, an
+            # error all its scores share, which the log-sum-exp does not average out (the
+            # "absorb" lesson of triton_kernels/lowrank.py), while rounding each rotated key is
+            # exactly what the shifted pool of the definition does.
+            k_cos, k_sin = _range_rotation(tab_ptr + r * tab_sr + hk * tab_sh, BLOCK_D, C_T)
+        else:
+            k_cos = 1.0
+            k_sin = 0.0
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, kp, vp, sk_l, sv_l, rs, re, rs, re, offs_m,
                                       qk_scale, 1, 1, 0, 0, BLOCK_N, D, DV, BLOCK_D, BLOCK_DV, False, False,
-                                      IEEE)
+                                      IEEE, k_cos, k_sin, HAS_DELTAS, C_T)
     _store(o_ptr + b * so_b + h * so_h, lse_ptr + bh * Lq, acc, m_i, l_i, n_keys > 0, offs_m, so_l,
            Lq, DV, BLOCK_DV, IEEE)
 
@@ -280,7 +351,7 @@ def _tuned(kernel, key: list) -> dict:
 
 
 _TUNED_CHUNK = _tuned(_chunk_attention_kernel, ["D", "DV", "HAS_WINDOW"])
-_TUNED_CACHED = _tuned(_cached_attention_kernel, ["D", "DV"])
+_TUNED_CACHED = _tuned(_cached_attention_kernel, ["D", "DV", "HAS_DELTAS"])
 
 
 def _inner(t: torch.Tensor) -> torch.Tensor:
@@ -331,27 +402,40 @@ def _(q, k, v, frame_tokens, chunk_frames, sink_frames, window_frames, scale):
     return _outputs(q, v)
 
 
+def _delta_table(kv_deltas, t_theta, theta, D, device):
+    """(table, row stride per range, row stride per kv head, C_T) of the per-range rotations:
+    float32 (cos, sin) [R, Ht, C_T, 2] on the kernel's device, rounded once from float64
+    angles (vidstream.ops.rope_math, as rope3d_shift_ builds them); Ht = H_kv with a per-head
+    ``t_theta`` (head stride C_T * 2), else 1 (head stride 0: every kv head reads row 0)."""
+    c_t = rope_bands(D)[0]
+    tab = cos_sin(temporal_angles(kv_deltas.to(device, torch.float64), c_t, theta, t_theta))
+    return tab, tab.shape[1] * c_t * 2, (c_t * 2 if tab.shape[1] > 1 else 0), c_t
+
+
 @triton_op("vidstream::cached_attention_triton", mutates_args=())
 def cached_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             kv_ranges: torch.Tensor, scale: float,
-                            kv_deltas: torch.Tensor | None = None, theta: float = 10000.0,
-                            t_theta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            kv_deltas: Optional[torch.Tensor] = None, theta: float = 10000.0,
+                            t_theta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``kv_ranges``: int32 [R, 2] on q's device, already checked (in bounds, disjoint);
-    ``kv_deltas``: float64 [R] host values or None."""
-    if kv_deltas is not None:
-        raise NotImplementedError("cached_attention: kv_deltas is not implemented on triton yet")
+    ``kv_deltas``: float64 [R] host values or None (checked finite; ``t_theta`` [H_kv])."""
     q, k, v = _inner(q), _inner(k_pool), _inner(v_pool)
     out, lse = _outputs(q, v)
-    B, Lq, H, _ = q.shape
+    B, Lq, H, D = q.shape
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    tab, tab_sr, tab_sh, c_t = lse, 0, 0, 0  # any pointer when there are no offsets
+    has_deltas = kv_deltas is not None and kv_ranges.shape[0] > 0 and rope_bands(D)[0] > 0
+    if has_deltas:
+        tab, tab_sr, tab_sh, c_t = _delta_table(kv_deltas, t_theta, theta, D, q.device)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     wrap_triton(_TUNED_CACHED[q.dtype == torch.float32])[grid](
         q, k, v, out, lse, kv_ranges, kv_ranges.shape[0], Lq, H, H // k.shape[2], _score_scale(q, scale),
-        *_common_args(q, k, v, out), **_dims(q, v))
+        *_common_args(q, k, v, out), tab, tab_sr, tab_sh, HAS_DELTAS=has_deltas, C_T=c_t,
+        **_dims(q, v))
     return out, lse
 
 
 @cached_attention_triton.register_fake
-def _(q, k_pool, v_pool, kv_ranges, scale):
+def _(q, k_pool, v_pool, kv_ranges, scale, kv_deltas=None, theta=10000.0, t_theta=None):
     return _outputs(q, v_pool)

@@ -5,7 +5,13 @@ One program: BLOCK_N tokens of the ranges for one head. The latent tile is gathe
 token index (so ranges in any order cost nothing extra), multiplied by the head's K and V
 up-projections with float32 accumulation, and K (with the shared positional key appended) and V
 are written in the [B, N, H, D] layout the attention kernels read. Heads are the fastest grid
-axis, so the H programs of one token block run together and read the latent tile from L2."""
+axis, so the H programs of one token block run together and read the latent tile from L2.
+
+The fused latent attention (strategy "absorb") takes per-range temporal offsets of the RoPE key
+k_r (issue #12, positions as metadata) as per-token float32 rotations and applies them to each
+k_r tile as it is loaded (``_rotate_k_r``); the latents carry no position and are read as they
+are. Strategy "decompress" needs no kernel change: it forms K anyway, from a copy of k_r_pool
+moved by rope3d_shift_ (vidstream/ops/lowrank.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vidstream.ops.rope_math import cos_sin, rope_bands, temporal_angles
 
 from ._ieee import finalize, running_max
 
@@ -106,13 +114,38 @@ def _(c_pool, w_uk, w_uv, token_idx, k_r_pool):
 
 
 @triton.jit
+def _rotate_k_r(r, row_ptr, srd, n, n_ok, rr, tab_ptr, C_T: tl.constexpr):
+    """The k_r tile r [BLOCK_N, BLOCK_R] (rows ``row_ptr`` [BLOCK_N, 1] in the pool) with each
+    token's temporal band (channels < 2 C_T of d_r; no per-head theta: k_r is shared by all
+    heads) rotated by its range's offset, rounded once to r's dtype as rope3d_shift_ rounds
+    the pool. Pair (2p, 2p+1) -> (a cos - b sin, a sin + b cos): channel d takes
+    r[d] * cos + r[d ^ 1] * sin, sin negated on even d, the partner from a second load at d ^ 1
+    (same cache lines; the tile keeps the layout the dot wants).
+
+    The table is per gathered token, float32 (cos, sin) [N, C_T, 2] indexed like token_idx:
+    its row is the tile's own index n, so it needs no token -> range map (an extra gather) and
+    ranges in any order cost nothing; it is 8 C_T bytes a token, under a tenth of what the
+    latents themselves take (d_c + d_r values a token)."""
+    band = rr < 2 * C_T
+    m = n_ok[:, None] & band[None, :]
+    partner = tl.load(row_ptr + (rr ^ 1)[None, :] * srd, mask=m, other=0.0)
+    tab = tab_ptr + n[:, None].to(tl.int64) * (2 * C_T) + (rr // 2)[None, :] * 2
+    cos = tl.load(tab, mask=m, other=1.0)
+    sin = tl.load(tab + 1, mask=m, other=0.0)
+    sin = tl.where((rr % 2 == 0)[None, :], -sin, sin)
+    rot = r.to(tl.float32) * cos + partner.to(tl.float32) * sin
+    return tl.where(band[None, :], rot.to(r.dtype), r)
+
+
+@triton.jit
 def _latent_attention_kernel(qc_ptr, qlo_ptr, qr_ptr, c_ptr, kr_ptr, idx_ptr, o_ptr, lse_ptr,
                              R, N, D_C, D_R, scale_log2,
                              sqb, sqm, sqc, srqb, srqm, srqd,
-                             scb, scl, scc, srb, srl, srd,
+                             scb, scl, scc, srb, srl, srd, tab_ptr,
                              HAS_R: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                              BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                             HAS_DELTAS: tl.constexpr, C_T: tl.constexpr):
     # One program: BLOCK_M query rows (a row is one (query, head) pair: every head attends the
     # same latent) of one batch entry, flash-style over the tokens of the ranges. Each latent
     # tile is loaded once and serves as the key (with k_r) and as the value.
@@ -145,6 +178,9 @@ def _latent_attention_kernel(qc_ptr, qlo_ptr, qr_ptr, c_ptr, kr_ptr, idx_ptr, o_
         if HAS_R:
             r = tl.load(kr_ptr + b * srb + tok[:, None] * srl + rr[None, :] * srd,
                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            if HAS_DELTAS:
+                r = _rotate_k_r(r, kr_ptr + b * srb + tok[:, None] * srl, srd, n, n_ok, rr,
+                                tab_ptr, C_T)
             s = tl.dot(q_r, tl.trans(r), s, input_precision=PREC)
         s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
         # NaN-propagating max, and exponentials relative to 0 while a row has seen only -inf
@@ -176,9 +212,6 @@ def lowrank_latent_attention_triton(q_lat: torch.Tensor, q_lat_lo: Optional[torc
     formed here, not an input, and rounding it once to 16 bits shifts every score of a query
     the same way, which the log-sum-exp does not average out (measured: up to 2.5x the error of
     eager PyTorch); hi + lo restores float32 accuracy for one more d_c-wide product per tile."""
-    if token_deltas is not None:
-        raise NotImplementedError("lowrank_cached_attention: kv_deltas is not implemented on "
-                                  "triton yet")
     B, R, d_c = q_lat.shape
     d_r = 0 if k_r_pool is None else k_r_pool.shape[2]
     o = torch.empty((B, R, d_c), dtype=torch.float32, device=q_lat.device)
@@ -192,18 +225,28 @@ def lowrank_latent_attention_triton(q_lat: torch.Tensor, q_lat_lo: Optional[torc
     block_m = 64 if block_c <= 256 else 32  # the float32 accumulator is BLOCK_M x BLOCK_C
     grid = (triton.cdiv(R, block_m), B)
     split = q_lat_lo is not None
+    # Offsets (positions as metadata, docs/spec.md §4): token_deltas float64 [N] host values in
+    # token_idx order move k_r as the kernel loads it; k_r_pool itself is not written.
+    c_t = rope_bands(d_r)[0] if has_r else 0
+    has_deltas = token_deltas is not None and c_t > 0
+    tab = o  # any pointer when unused
+    if has_deltas:
+        tab = cos_sin(temporal_angles(token_deltas.to(q_lat.device, torch.float64), c_t, theta,
+                                      None))  # [N, 1, C_T, 2]
     wrap_triton(_latent_attention_kernel)[grid](
         q_lat, q_lat_lo if split else q_lat, qr, c_pool, kr, token_idx, o, lse,
         R, token_idx.shape[0], d_c, d_r, scale * 1.4426950408889634,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         c_pool.stride(0), c_pool.stride(1), c_pool.stride(2), kr.stride(0), kr.stride(1), kr.stride(2),
-        HAS_R=has_r, SPLIT=split, PREC="ieee" if c_pool.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=32, BLOCK_C=block_c, BLOCK_R=_block(d_r), num_warps=8)
+        tab, HAS_R=has_r, SPLIT=split, PREC="ieee" if c_pool.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_C=block_c, BLOCK_R=_block(d_r), num_warps=8,
+        HAS_DELTAS=has_deltas, C_T=c_t if has_deltas else 0)
     return o, lse
 
 
 @lowrank_latent_attention_triton.register_fake
-def _(q_lat, q_lat_lo, q_r, c_pool, k_r_pool, token_idx, scale):
+def _(q_lat, q_lat_lo, q_r, c_pool, k_r_pool, token_idx, scale, token_deltas=None,
+      theta=10000.0):
     B, R, d_c = q_lat.shape
     return (torch.empty((B, R, d_c), dtype=torch.float32, device=q_lat.device),
             torch.empty((B, R), dtype=torch.float32, device=q_lat.device))

@@ -104,7 +104,8 @@ def _pow2(n: int) -> int:
 
 @triton_op("vidstream::rope3d_triton", mutates_args=())
 def rope3d_triton(x: torch.Tensor, frames: int, height: int, width: int, frame_offset: float,
-                  theta: float, t_theta: Optional[torch.Tensor]) -> torch.Tensor:
+                  theta: float, t_theta: Optional[torch.Tensor], inverse: bool = False) -> torch.Tensor:
+    """``inverse``: rotate by the negated angles (the inverse rotation: rope3d's backward)."""
     B, L, H, D = x.shape
     if x.stride(3) != 1:
         x = x.contiguous()
@@ -114,10 +115,11 @@ def rope3d_triton(x: torch.Tensor, frames: int, height: int, width: int, frame_o
     c_t, c_h, c_w = rope_bands(D)
     dev = x.device
     pos_t = torch.arange(frames, dtype=torch.float64, device=dev) + frame_offset
-    tab_t = cos_sin(temporal_angles(pos_t, c_t, theta, t_theta))
-    tab_h = cos_sin(torch.arange(height, dtype=torch.float64, device=dev)[:, None]
+    sign = -1.0 if inverse else 1.0  # negated float64 angles: the same cos, exactly -sin
+    tab_t = cos_sin(sign * temporal_angles(pos_t, c_t, theta, t_theta))
+    tab_h = cos_sin(sign * torch.arange(height, dtype=torch.float64, device=dev)[:, None]
                     * band_omega(c_h, theta, dev)[None])
-    tab_w = cos_sin(torch.arange(width, dtype=torch.float64, device=dev)[:, None]
+    tab_w = cos_sin(sign * torch.arange(width, dtype=torch.float64, device=dev)[:, None]
                     * band_omega(c_w, theta, dev)[None])
     block_t = 16
     grid = (triton.cdiv(B * L, block_t), H)
@@ -130,7 +132,7 @@ def rope3d_triton(x: torch.Tensor, frames: int, height: int, width: int, frame_o
 
 
 @rope3d_triton.register_fake
-def _(x, frames, height, width, frame_offset, theta, t_theta):
+def _(x, frames, height, width, frame_offset, theta, t_theta, inverse=False):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

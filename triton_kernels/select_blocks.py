@@ -6,7 +6,13 @@ Two launches, no ``QK^T``: (1) one program per (batch, chosen head) sums the sam
 writes s_m; the program that finishes last (an acq_rel atomic counter, zeroed by launch 1) ranks
 all M scores and writes the top-k indices, ascending, in torch.sort(descending, stable) order
 (NaN first, ties to the smaller index). A NaN among the keys a block reads, or in the sampled
-queries, makes its score NaN under both scores (the "max" reduction propagates NaN)."""
+queries, makes its score NaN under both scores (the "max" reduction propagates NaN).
+
+Per-block temporal offsets (``block_deltas``, issue #12): block m is scored as if its keys were
+rope3d_shift_-ed by block_deltas[m], so selection sees the keys where attention will. Since one
+orthogonal rotation moves all of a block's keys, the kernel rotates the reduced query by
+-delta_m instead (``_unrotate_query``): O(D) per block and head, for both scores and with or
+without cached key sums; see there for why this is exact to rounding."""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vidstream.ops.rope_math import cos_sin, rope_bands, temporal_angles
 
 from ._ieee import max_nan, maximum_nan
 
@@ -71,11 +79,38 @@ def _topk_tail(scores_ptr, idx_ptr, M, K, TILE: tl.constexpr):
 
 
 @triton.jit
-def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr, idx_ptr,
-                         counter_ptr, B, Hs, M, K, group, skb, skl, skh, ssb, ssm, ssh,
-                         scale, norm,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-                         MEAN: tl.constexpr, HAS_SUMS: tl.constexpr, TILE: tl.constexpr):
+def _unrotate_query(qv64, q_row, d, tab_row, C_T: tl.constexpr):
+    """The reduced query qv64 [BLOCK_D] (float64; its row q_row in memory) rotated by minus
+    the block's offset in its temporal band (channels < 2 C_T; table row tab_row [C_T, 2]).
+
+    Block offsets (docs/spec.md §5, positions as metadata) score block m as if its keys were
+    rope3d_shift_-ed by delta_m. The rotation R is orthogonal and one per block, so
+    q . R(delta) k = R(-delta) q . k for every key: instead of rotating every key ("max") or
+    every block's key sum ("mean", where the sum lives in registers and its pair partners would
+    need a reshape), the kernel rotates the one query vector it already holds per (block,
+    batch, head), O(D) per block instead of O(D * tokens), with the partner channel d ^ 1 read
+    back from the query sums in memory (L1-resident). Exact to rounding: the reference rounds
+    each rotated key to the input dtype, this works on the unrounded values in float64 (the
+    table's cos and sin are the float32 values rope3d_shift_ uses). Pair (a, b) under
+    R(-delta): (a cos + b sin, b cos - a sin)."""
+    band = d < 2 * C_T
+    partner = tl.load(q_row + (d ^ 1), mask=band, other=0.0)
+    row = tab_row + (d // 2) * 2
+    cos = tl.load(row, mask=band, other=1.0).to(tl.float64)
+    sin = tl.load(row + 1, mask=band, other=0.0).to(tl.float64)
+    sin = tl.where(d % 2 == 0, sin, -sin)
+    return tl.where(band, qv64 * cos + partner * sin, qv64)
+
+
+@triton.jit
+def _block_scores(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr, idx_ptr,
+                  counter_ptr, B, Hs, M, K, group, skb, skl, skh, ssb, ssm, ssh, scale, norm,
+                  tab_ptr, tab_sr, tab_sh,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                  MEAN: tl.constexpr, HAS_SUMS: tl.constexpr, TILE: tl.constexpr,
+                  HAS_DELTAS: tl.constexpr, C_T: tl.constexpr):
+    """The body of launch (2), block m = program 0, with or without block offsets (a table of
+    rotations, ``_unrotate_query``)."""
     m = tl.program_id(0)
     start = tl.load(ranges_ptr + 2 * m)
     end = tl.load(ranges_ptr + 2 * m + 1)
@@ -88,6 +123,9 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
         for hi in range(Hs):
             kvh = tl.load(heads_ptr + hi) // group
             qv64 = tl.load(qred_ptr + (b * Hs + hi) * D + d, mask=dm, other=0.0)
+            if HAS_DELTAS:
+                qv64 = _unrotate_query(qv64, qred_ptr + (b * Hs + hi) * D, d,
+                                       tab_ptr + m * tab_sr + kvh * tab_sh, C_T)
             kbase = k_ptr + b * skb + kvh * skh
             if MEAN:
                 if HAS_SUMS:
@@ -122,14 +160,38 @@ def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, score
         _topk_tail(scores_ptr, idx_ptr, M, K, TILE)
 
 
+# Two entry points over one body: the kernel without offsets keeps its signature and code (no
+# table argument, nothing rotated), the one with offsets adds the table of block rotations.
+@triton.jit
+def _block_scores_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr, idx_ptr,
+                         counter_ptr, B, Hs, M, K, group, skb, skl, skh, ssb, ssm, ssh,
+                         scale, norm,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                         MEAN: tl.constexpr, HAS_SUMS: tl.constexpr, TILE: tl.constexpr):
+    _block_scores(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr, idx_ptr,
+                  counter_ptr, B, Hs, M, K, group, skb, skl, skh, ssb, ssm, ssh, scale, norm,
+                  scores_ptr, 0, 0, D, BLOCK_D, BLOCK_J, MEAN, HAS_SUMS, TILE, False, 0)
+
+
+@triton.jit
+def _block_scores_shifted_kernel(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr,
+                                 idx_ptr, counter_ptr, B, Hs, M, K, group, skb, skl, skh,
+                                 ssb, ssm, ssh, scale, norm, tab_ptr, tab_sr, tab_sh,
+                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                                 MEAN: tl.constexpr, HAS_SUMS: tl.constexpr, TILE: tl.constexpr,
+                                 C_T: tl.constexpr):
+    _block_scores(k_ptr, ranges_ptr, qred_ptr, heads_ptr, sums_ptr, scores_ptr, idx_ptr,
+                  counter_ptr, B, Hs, M, K, group, skb, skl, skh, ssb, ssm, ssh, scale, norm,
+                  tab_ptr, tab_sr, tab_sh, D, BLOCK_D, BLOCK_J, MEAN, HAS_SUMS, TILE, True, C_T)
+
+
 @triton_op("vidstream::select_blocks_triton", mutates_args=())
 def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: torch.Tensor,
                          k: int, query_stride: int, heads: List[int], score: str, scale: float,
                          block_key_sums: Optional[torch.Tensor],
                          block_deltas: Optional[torch.Tensor] = None, theta: float = 10000.0,
                          t_theta: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    if block_deltas is not None:
-        raise NotImplementedError("select_blocks: block_deltas is not implemented on triton yet")
+    """``block_deltas``: float64 [M] host values (finite) or None; ``t_theta`` [H_kv] or None."""
     B, Lq, H, D = q.shape
     M = block_ranges.shape[0]
     dev = q.device
@@ -166,15 +228,27 @@ def select_blocks_triton(q: torch.Tensor, k_pool: torch.Tensor, block_ranges: to
     norm = scale / (B * Hs * n_sampled) if mean else 1.0 / (B * Hs)
     s_src = sums if sums is not None else qred  # any pointer when unused
     s_strides = (sums.stride(0), sums.stride(1), sums.stride(2)) if sums is not None else (0, 0, 0)
-    wrap_triton(_block_scores_kernel)[(M,)](
-        k_pool, ranges, qred, heads_t, s_src, scores, idx, counter, B, Hs, M, min(k, M),
-        H // k_pool.shape[2], k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), *s_strides,
-        scale, norm, D=D, BLOCK_D=block_d, BLOCK_J=32, MEAN=mean, HAS_SUMS=sums is not None,
-        TILE=64)
+    c_t = rope_bands(D)[0]
+    has_deltas = block_deltas is not None and c_t > 0
+    if has_deltas:
+        # float32 (cos, sin) [M, Ht, C_T, 2] from float64 angles, as rope3d_shift_ builds them;
+        # Ht = H_kv with a per-head t_theta (head stride C_T * 2), else 1 (stride 0).
+        tab = cos_sin(temporal_angles(block_deltas.to(dev, torch.float64), c_t, theta, t_theta))
+        tab_sr, tab_sh = tab.shape[1] * c_t * 2, (c_t * 2 if tab.shape[1] > 1 else 0)
+    args = (k_pool, ranges, qred, heads_t, s_src, scores, idx, counter, B, Hs, M, min(k, M),
+            H // k_pool.shape[2], k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), *s_strides,
+            scale, norm)
+    consts = dict(D=D, BLOCK_D=block_d, BLOCK_J=32, MEAN=mean, HAS_SUMS=sums is not None, TILE=64)
+    if has_deltas:
+        wrap_triton(_block_scores_shifted_kernel)[(M,)](*args, tab, tab_sr, tab_sh, **consts,
+                                                        C_T=c_t)
+    else:
+        wrap_triton(_block_scores_kernel)[(M,)](*args, **consts)
     return scores, idx
 
 
 @select_blocks_triton.register_fake
-def _(q, k_pool, block_ranges, k, query_stride, heads, score, scale, block_key_sums):
+def _(q, k_pool, block_ranges, k, query_stride, heads, score, scale, block_key_sums,
+      block_deltas=None, theta=10000.0, t_theta=None):
     M = block_ranges.shape[0]
     return (q.new_empty(M, dtype=torch.float32), q.new_empty(min(k, M), dtype=torch.int64))

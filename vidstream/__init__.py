@@ -13,7 +13,7 @@ from . import _compat, _extension, reference
 from .backend import backend_for, backends, default_backends, use_backend
 from .ops.attention import cached_attention, chunk_attention
 from .ops.lowrank import lowrank_cached_attention, lowrank_decompress
-from .ops.metadata import FrameSlots, TokenRanges
+from .ops.metadata import FrameSlots, RangeDeltas, TokenRanges
 from .ops.rope3d import rope3d, rope3d_shift_, rope3d_store_
 from .ops.select_blocks import select_blocks
 
@@ -32,6 +32,7 @@ _STREAMING = {
     "StreamingDiT": "model",
     "StreamingGenerator": "generator",
     "StreamingKVCache": "bounded_cache",
+    "from_self_forcing_config": "self_forcing",
 }
 
 
@@ -49,6 +50,7 @@ _extension.load()
 __all__ = [
     *sorted(_STREAMING),
     "FrameSlots",
+    "RangeDeltas",
     "TokenRanges",
     "backend_for",
     "backends",

@@ -28,8 +28,10 @@ import torch
 from . import _extension
 
 NAMES = ("reference", "cpu", "triton", "cuda", "torch")
-# Backends composed of PyTorch's own differentiable ops: autograd gives their gradients. The
-# cpu, triton and cuda kernels have no backward yet (issue #14).
+# Backends composed of PyTorch's own differentiable ops: autograd gives their gradients for every
+# op. A kernel backend gives gradients for an op where its implementation is marked
+# differentiable (``Op.mark_differentiable``: a backward registered with torch.library and, where
+# it calls a backward kernel, that kernel present here); ``Op.has_backward`` tells.
 DIFFERENTIABLE = ("reference", "torch")
 
 
@@ -83,9 +85,20 @@ class Implementation:
     # tensor argument giving why it does not serve it (None when it does): a default never picks
     # a kernel that would refuse the input, and a forced one says why before it runs.
     serves: Callable | None = None
+    # Whether autograd can differentiate this implementation: a bool, or a function of no
+    # arguments (a backward kernel may be missing from the build) giving None when it can, else
+    # why not.
+    differentiable: bool | Callable[[], str | None] = False
 
     def refuses(self, x) -> str | None:
         return None if self.serves is None or not isinstance(x, torch.Tensor) else self.serves(x)
+
+    def no_backward(self) -> str | None:
+        """None when this implementation has a backward here, else why not."""
+        d = self.differentiable
+        if callable(d):
+            return d()
+        return None if d else "it has no backward"
 
 
 # Hashing sources on every op call would cost more than the op: one lookup per process and key.
@@ -127,8 +140,26 @@ class Op:
         self.impls: dict[str, Implementation] = {}
 
     def register(self, backend: str, fn: Callable, *, serves: Callable | None = None) -> Callable:
-        self.impls[_check_name(backend, "register")] = Implementation(fn, serves)
+        self.impls[_check_name(backend, "register")] = Implementation(
+            fn, serves, backend in DIFFERENTIABLE)
         return fn
+
+    def mark_differentiable(self, backend: str, when: bool | Callable[[], str | None] = True):
+        """Marks ``backend``'s implementation as one autograd differentiates (``when``: True, or
+        a function giving None when its backward can run here, else why not)."""
+        impl = self.impls[_check_name(backend, "mark_differentiable")]
+        self.impls[backend] = Implementation(impl.fn, impl.serves, when)
+
+    def no_backward(self, backend: str) -> str | None:
+        """None when ``backend``'s implementation of this op gives gradients here, else why not."""
+        if backend not in self.impls:
+            return "it has no kernel for this op"
+        if backend in DIFFERENTIABLE:  # PyTorch's own ops: autograd differentiates them
+            return None
+        return self.impls[backend].no_backward()
+
+    def has_backward(self, backend: str) -> bool:
+        return self.no_backward(backend) is None
 
     def impl(self, backend: str) -> Callable:
         """The implementation of one backend: for an op composed of another on the same backend."""
@@ -140,24 +171,26 @@ class Op:
     def resolve_name(self, x: torch.Tensor, grad: bool = False) -> str:
         """The backend that runs this op on inputs like ``x``; a ``ValueError`` naming the
         available ones where the forced backend cannot. ``grad``: a gradient will be asked of the
-        result (``needs_grad``), which only the backends in ``DIFFERENTIABLE`` give."""
+        result (``needs_grad``), which only implementations with a backward give
+        (``has_backward``)."""
         chosen = forced()
         if chosen is None:
             name = self.default_name(x)
             why = "the default"
-            if grad and name not in DIFFERENTIABLE:
-                # The kernels have no backward yet: a result without a gradient would be a
-                # silent wrong answer, so the op runs on PyTorch's own ops instead.
+            if grad and not self.has_backward(name):
+                # A result without a gradient would be a silent wrong answer, so an op whose
+                # default kernel has no backward here runs on PyTorch's own ops instead.
                 name, why = self._torch_or_reference(x.device, x.dtype), "gradients needed"
             if _logging():
                 _log_choice(self.name, x, name, why)
             return name
         why = "it has no kernel for this op" if chosen not in self.impls else (
             usable(chosen, self.name, x.device, x.dtype) or self.impls[chosen].refuses(x))
-        if why is None and grad and chosen not in DIFFERENTIABLE:
-            why = (f"its kernels have no backward yet and these inputs require grad (run training "
-                   f"on {' or '.join(repr(b) for b in DIFFERENTIABLE)}, or call it under "
-                   f"torch.no_grad())")
+        if why is None and grad and not self.has_backward(chosen):
+            why = (f"vidstream.{self.name} has no backward on the {chosen!r} backend "
+                   f"({self.no_backward(chosen)}) and these inputs require grad (run training on "
+                   f"a backend with a backward: {', '.join(self.differentiable_backends(x))}; or "
+                   f"call it under torch.no_grad())")
         if why is not None:
             avail = ", ".join(self.available(x.device, x.dtype))
             raise ValueError(
@@ -166,6 +199,10 @@ class Op:
         if _logging():
             _log_choice(self.name, x, chosen, "forced by use_backend / VIDSTREAM_BACKEND")
         return chosen
+
+    def differentiable_backends(self, x) -> list[str]:
+        """The backends that can run this op on inputs like ``x`` and give its gradients."""
+        return [b for b in self.available(x.device, x.dtype) if self.has_backward(b)]
 
     def resolve(self, x: torch.Tensor, grad: bool = False) -> Callable:
         return self.impls[self.resolve_name(x, grad)].fn

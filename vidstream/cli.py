@@ -1,9 +1,10 @@
 """The ``vidstream`` command.
 
-``vidstream demo`` streams a video with the bounded cache, optionally the eager baseline too (the
-naive cache on the reference kernels), and reports speed, memory and the difference between them
-(table, DIR/demo.json, DIR/demo.png). ``vidstream backends`` shows the backend each op gets by
-default here, ``vidstream info`` the installation, ``vidstream --version`` the version.
+``vidstream demo`` streams a video with the bounded cache, optionally the baselines too (the
+rolling buffer Self-Forcing and LongLive run, and the eager growing cache on the reference kernels),
+and reports speed, memory and the difference between them (table, DIR/demo.json, DIR/demo.png).
+``vidstream backends`` shows the backend each op gets by default here, ``vidstream info`` the
+installation, ``vidstream --version`` the version.
 
 Bad arguments are usage errors, found before any work (the library's own checks run on them
 first): one line on stderr and exit status 2. Ctrl-C stops a demo with exit status 130 after
@@ -25,6 +26,7 @@ from . import demo_report
 from .ops import checks
 from .streaming.generator import LEGACY_BACKENDS, StreamingGenerator
 from .streaming.model import PRESETS, StreamingDiT
+from .streaming.rolling_cache import RopeTableExhausted
 from .streaming.runner import add_partition_options, partition_options, run_stream
 
 # demo.json's "backend" and the table keep the names the generator's cache choice had.
@@ -34,10 +36,11 @@ BACKEND_DTYPES = {**DTYPES, "float64": torch.float64}  # `vidstream backends`: f
 EXIT_USAGE = 2          # argparse's status for a usage error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's status for a Ctrl-C
 # Library keywords a demo flag feeds: their names in the library's messages become the flags.
-DEMO_DESCRIPTION = ("Streams a video with the bounded cache (and with --compare the eager baseline: "
-                    "the naive cache on the reference kernels) and reports speed, memory and their "
-                    "difference: a table, DIR/demo.json and DIR/demo.png. Ctrl-C stops it (status "
-                    "130) and writes what was done.")
+DEMO_DESCRIPTION = ("Streams a video with the bounded cache (and with --compare the baselines: "
+                    "Self-Forcing / LongLive's rolling buffer, which stops where its 1,024-frame "
+                    "RoPE table ends, and the naive growing cache on the reference kernels) and "
+                    "reports speed, memory and their difference: a table, DIR/demo.json and "
+                    "DIR/demo.png. Ctrl-C stops it (status 130) and writes what was done.")
 _KEYWORD_FLAGS = ("chunk_frames", "sink_frames", "recent_frames", "mid_blocks", "top_k",
                   "timesteps", "seed")
 
@@ -120,9 +123,19 @@ def _flags(message: str) -> str:
 
 
 def _generator_options(args, cache: str) -> dict:
-    """The ``StreamingGenerator`` keywords of a demo run: one place, for the check and the run."""
-    return dict(cache=cache, seed=args.seed, timesteps=tuple(args.timesteps),
-                compile=args.compile and cache == "bounded", **partition_options(args))
+    """The ``StreamingGenerator`` keywords of a demo run: one place, for the check and the run.
+    The rolling buffer has the same sink and window, and no mid blocks (it has none)."""
+    options = dict(cache=cache, seed=args.seed, timesteps=tuple(args.timesteps),
+                   compile=args.compile and cache == "bounded", **partition_options(args))
+    if cache == "rolling":
+        options.update(mid_blocks=0, top_k=None)
+    return options
+
+
+def _compared_caches(args) -> list[str]:
+    """The caches a demo runs: ``--cache``, and with ``--compare`` the two baselines."""
+    return [args.cache] + ([c for c in ("rolling", "naive") if c != args.cache]
+                           if args.compare else [])
 
 
 def _model_outline(args):
@@ -141,7 +154,7 @@ def check_demo(args):
     try:
         checks.positive_int(args.frames, "--frames")
         checks.positive_int(args.threads, "--threads", minimum=0)
-        for cache in [args.cache] + (["naive"] if args.compare and args.cache != "naive" else []):
+        for cache in _compared_caches(args):
             StreamingGenerator(_model_outline(args), **_generator_options(args, cache))
     except (ValueError, TypeError) as e:
         raise UsageError(_flags(str(e))) from None
@@ -188,16 +201,32 @@ def run(model, text, args, label, *, cache, kernels=None, keep_chunks=False):
             raise
 
 
+def run_rolling(model, text, args):
+    """The rolling-buffer baseline: ``(StreamRun, None)``, or where its RoPE table ran out the
+    chunks it made and why it stopped (the comparison goes on; Self-Forcing would crash there)."""
+    done = []
+    with demo_report.progress("rolling buffer", args.frames, done) as on_chunk:
+        try:
+            return run_stream(model, text, args.frames, on_chunk=on_chunk,
+                              **_generator_options(args, "rolling")), None
+        except KeyboardInterrupt as e:
+            e.partial = demo_report.partial_run(done, model.device)
+            raise
+        except RopeTableExhausted as e:
+            return demo_report.partial_run(done, model.device), str(e)
+
+
 def demo(args) -> dict:
     """Runs the demo and returns its result; on Ctrl-C writes the partial result and raises a
     ``CommandError`` with status 130."""
     model, text = build(args)
     print(demo_report.header(args, model), flush=True)
     label = RUN_LABELS[args.cache]
-    fused = eager = None
+    fused = rolling = eager = stopped = None
     try:
         fused = run(model, text, args, label, cache=args.cache, keep_chunks=args.compare)
         if args.compare:
+            rolling, stopped = run_rolling(model, text, args)
             eager = run(model, text, args, "eager reference", cache="naive", kernels="reference",
                         keep_chunks=True)
     except KeyboardInterrupt as e:
@@ -205,17 +234,20 @@ def demo(args) -> dict:
         if partial is None:  # between the runs
             partial = demo_report.partial_run([], model.device)
         if fused is None:
-            fused = partial
+            fused, which = partial, f"frame {partial.frames}"
+        elif rolling is None:
+            rolling, which = partial, f"the rolling-buffer run's frame {partial.frames}"
         else:
-            eager = partial
-        result = demo_report.summary(args, label, fused, eager, interrupted=True)
-        paths = demo_report.write(args.out, result, fused, eager, quiet=True)
-        which = f"the eager run's frame {eager.frames}" if eager is not None else f"frame {fused.frames}"
+            eager, which = partial, f"the eager run's frame {partial.frames}"
+        result = demo_report.summary(args, label, fused, eager, interrupted=True, rolling=rolling,
+                                     rolling_stopped=stopped)
+        paths = demo_report.write(args.out, result, fused, eager, rolling=rolling, quiet=True)
         raise CommandError(f"interrupted at {which} of {args.frames}; partial results in "
                            f"{' and '.join(paths)}", EXIT_INTERRUPTED) from None
-    result = demo_report.summary(args, label, fused, eager)
+    result = demo_report.summary(args, label, fused, eager, rolling=rolling,
+                                 rolling_stopped=stopped)
     demo_report.print_table(result)
-    demo_report.write(args.out, result, fused, eager)
+    demo_report.write(args.out, result, fused, eager, rolling=rolling)
     return result
 
 
@@ -279,7 +311,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bounded (default): the fixed pool; naive: the growing baseline cache")
     d.add_argument("--backend", default=None, choices=sorted(LEGACY_BACKENDS),
                    help="deprecated: fused is --cache bounded, reference is --cache naive")
-    d.add_argument("--compare", action="store_true", help="also run the eager baseline and diff")
+    d.add_argument("--compare", action="store_true",
+                   help="also run the baselines (Self-Forcing / LongLive's rolling buffer, the "
+                        "eager growing cache) and diff against the eager one")
     d.add_argument("--out", default="out/demo", help="folder for demo.json and demo.png")
     d.add_argument("--seed", type=int, default=0, help="seed of the weights, text and noise")
     d.add_argument("--threads", type=int, default=0,

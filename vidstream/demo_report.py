@@ -1,6 +1,7 @@
 """What ``vidstream demo`` shows and writes: the header line, the progress on stderr (a tqdm bar,
 or a plain counter without tqdm), the summary table, DIR/demo.json and DIR/demo.png (ms per chunk
-and cache memory against frame index; without matplotlib a one-line hint instead)."""
+and cache memory against frame index; without matplotlib a one-line hint instead). ``plot`` also
+draws bench/bench_stream.py's figure."""
 
 from __future__ import annotations
 
@@ -125,11 +126,38 @@ def _fps(run: Optional[StreamRun]) -> Optional[float]:
     return run.fps if run is not None and run.seconds > 0 else None
 
 
+def fps_upto(rows: list, horizon: int) -> Optional[float]:
+    """Frames/s over the chunks that end at or before frame ``horizon``: runs of different lengths
+    compared on the same work."""
+    chunks = [r for r in rows if r.frame <= horizon]
+    seconds = sum(r.ms for r in chunks) / 1e3
+    return chunks[-1].frame / seconds if chunks and seconds > 0 else None
+
+
+def rolling_summary(fused: StreamRun, rolling: Optional[StreamRun],
+                    stopped: Optional[str]) -> dict:
+    """demo.json's keys of the rolling-buffer baseline (Self-Forcing / LongLive's cache): None
+    without one. ``speedup_vs_rolling`` compares the frames both runs made."""
+    if rolling is None:
+        return {"fps_rolling": None, "speedup_vs_rolling": None, "frames_done_rolling": None,
+                "rolling_stopped": None, "cache_bytes_rolling": None, "ms_per_chunk_rolling": None,
+                "chunk_end_frames_rolling": None}
+    horizon = min(fused.frames, rolling.frames)
+    a, b = fps_upto(fused.rows, horizon), fps_upto(rolling.rows, horizon)
+    return {"fps_rolling": _fps(rolling), "speedup_vs_rolling": a / b if a and b else None,
+            "frames_done_rolling": rolling.frames, "rolling_stopped": stopped,
+            "cache_bytes_rolling": rolling.cache_bytes,
+            "ms_per_chunk_rolling": [r.ms for r in rolling.rows],
+            "chunk_end_frames_rolling": [r.frame for r in rolling.rows]}
+
+
 def summary(args, label: str, fused: StreamRun, eager: Optional[StreamRun],
-            interrupted: bool = False) -> dict:
+            interrupted: bool = False, rolling: Optional[StreamRun] = None,
+            rolling_stopped: Optional[str] = None) -> dict:
     """The demo.json record (its keys are documented in the README). ``interrupted``: a Ctrl-C
     stopped the run; ``frames_done`` says how far the bounded run got (and
-    ``frames_done_eager`` the eager one), and what was not measured is None."""
+    ``frames_done_eager`` the eager one), and what was not measured is None. ``rolling``: the
+    rolling-buffer run, ``rolling_stopped`` why it ended early (its RoPE table ran out)."""
     diffs = [float((a - b).abs().max()) for a, b in zip(fused.chunks, eager.chunks)] if (
         eager is not None) else []
     fps, fps_eager = _fps(fused), _fps(eager)
@@ -158,11 +186,28 @@ def summary(args, label: str, fused: StreamRun, eager: Optional[StreamRun],
         "ms_per_chunk_eager": [r.ms for r in eager.rows] if eager else None,
         "chunk_end_frames": [r.frame for r in fused.rows],
         "cache_bytes_per_chunk_eager": [r.cache_bytes for r in eager.rows] if eager else None,
+        **rolling_summary(fused, rolling, rolling_stopped),
     }
 
 
 def _fmt_bytes(n):
     return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _fmt_rate(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _fmt_stop(result: dict) -> str:
+    if result.get("frames_done_rolling") is None:
+        return "-"
+    if result.get("rolling_stopped"):
+        return f"frame {result['frames_done_rolling']:,} (RoPE table exhausted)"
+    return "did not stop"
 
 
 def print_table(result: dict) -> None:
@@ -172,10 +217,14 @@ def print_table(result: dict) -> None:
             ("frames/s fused", f"{result['fps']:.2f}"),
             ("frames/s eager", f"{result['fps_eager']:.2f}" if eager else "-"),
             ("speed-up", f"{result['speedup']:.2f}x" if eager else "-"),
+            ("frames/s rolling buffer", _fmt_rate(result.get("fps_rolling"))),
+            ("speed-up vs rolling buffer", _fmt_ratio(result.get("speedup_vs_rolling"))),
+            ("rolling buffer stopped at", _fmt_stop(result)),
             ("peak memory" + (" (GPU)" if on_gpu else " (process RSS)"),
              _fmt_bytes(result["peak_memory_bytes"])),
             ("cache bytes (fused, fixed)", _fmt_bytes(result["cache_bytes"])),
             ("cache bytes (eager, at end)", _fmt_bytes(result["cache_bytes_eager_final"]) if eager else "-"),
+            ("cache bytes (rolling, fixed)", _fmt_bytes(result.get("cache_bytes_rolling"))),
             ("max |fused - eager|", f"{result['max_abs_diff']:.3g}" if eager else "-"),
             ("max RoPE position", str(result["max_rope_position"]))]
     w = max(len(k) for k, _ in rows)
@@ -188,8 +237,18 @@ MATPLOTLIB_HINT = ("vidstream demo: matplotlib is not installed, so no demo.png 
                    "same figures): pip install matplotlib")
 
 
+# What each run of the comparison is, in the figures' legends, and its colour.
+LEGENDS = {
+    "fused": ("vidstream bounded cache (fixed pool, fused ops)", "tab:blue"),
+    "no-mid": ("vidstream bounded cache, sink + window only", "tab:cyan"),
+    "rolling": ("rolling buffer (Self-Forcing / LongLive: clone-and-shift, float64 RoPE)",
+                "tab:orange"),
+    "reference": ("growing cache (cat / clone / re-rotate, eager)", "tab:red"),
+}
+
+
 def write(out_dir: str, result: dict, fused: StreamRun, eager: Optional[StreamRun], *,
-          quiet: bool = False) -> list[str]:
+          rolling: Optional[StreamRun] = None, quiet: bool = False) -> list[str]:
     """DIR/demo.json, then DIR/demo.png (without matplotlib: a one-line hint on stderr instead).
     Returns the paths written; says so on stdout unless ``quiet``."""
     os.makedirs(out_dir, exist_ok=True)
@@ -198,9 +257,13 @@ def write(out_dir: str, result: dict, fused: StreamRun, eager: Optional[StreamRu
         json.dump(result, f, indent=2)
     written = [json_path]
     if fused.rows:
+        runs = {"fused": fused.rows, "rolling": rolling.rows if rolling else None,
+                "reference": eager.rows if eager else None}
+        stop = rolling.frames if rolling is not None and result.get("rolling_stopped") else None
         try:
-            plot(png_path, fused, eager, f"vidstream demo: {result['preset']}, {result['frames']} "
-                                         f"latent frames, {result['device_name']}")
+            plot(png_path, {k: v for k, v in runs.items() if v},
+                 f"vidstream demo: {result['preset']}, {result['frames']} latent frames, "
+                 f"{result['device_name']}", stop_frame=stop)
             written.append(png_path)
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] != "matplotlib":
@@ -220,34 +283,49 @@ def _rolling_median(xs, n):
     return out
 
 
-def plot(path: str, fused: StreamRun, eager: Optional[StreamRun], title: str) -> None:
+def plot(path: str, runs: dict, title: str, stop_frame: Optional[int] = None) -> None:
+    """ms per chunk and KV cache MiB against the latent frame, one line per run: ``runs`` maps a
+    ``LEGENDS`` key to its ``ChunkRecord`` rows. ``stop_frame``: where the rolling buffer stopped
+    (its RoPE table ran out), marked on both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, name, color in ((fused, "vidstream (fixed pool, fused ops)", "tab:blue"),
-                             (eager, "naive cache (cat / clone / re-rotate, eager)", "tab:red")):
-        if run is None:
-            continue
-        f = [r.frame for r in run.rows]
-        ms = [r.ms for r in run.rows]
-        ax_t.plot(f, ms, color=color, lw=0.6, alpha=0.3)
-        ax_t.plot(f, _rolling_median(ms, 15), color=color, lw=1.6, label=name + " (rolling median)")
-        ax_m.plot(f, [r.cache_bytes / 2**20 for r in run.rows], color=color, lw=1.5, label=name)
-    ax_t.set_xlabel("latent frame")
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    for key, rows in runs.items():
+        name, color = LEGENDS[key]
+        # Equal sizes would hide one line under another: the baseline's is dashed, on top.
+        style, z = ("--", 3) if key == "rolling" else ("-", 2)
+        f = [r.frame for r in rows]
+        ms = [r.ms for r in rows]
+        ax_t.plot(f, ms, color=color, lw=0.6, alpha=0.25)
+        ax_t.plot(f, _rolling_median(ms, 15), color=color, lw=1.6, ls=style, zorder=z,
+                  label=name + " (rolling median of 15 chunks)")
+        ax_m.plot(f, [r.cache_bytes / 2**20 for r in rows], color=color, lw=1.6, ls=style,
+                  zorder=z)
+    sizes = [r.cache_bytes for rows in runs.values() for r in rows]
+    # A growing cache dwarfs the fixed ones on a linear axis: a log axis keeps them apart.
+    log_memory = bool(sizes) and min(sizes) > 0 and max(sizes) > 10 * min(sizes)
+    for ax in (ax_t, ax_m):
+        if stop_frame is not None:
+            ax.axvline(stop_frame, color="black", ls=":", lw=1.2,
+                       label=f"rolling buffer stops at frame {stop_frame:,}: RoPE table exhausted"
+                       if ax is ax_t else None)
+        ax.set_xlabel("latent frame")
+        ax.grid(alpha=0.3)
+    ax_t.set_ylim(bottom=0)
+    if log_memory:
+        ax_m.set_yscale("log")
+    else:
+        ax_m.set_ylim(bottom=0)
     ax_t.set_ylabel("ms per chunk")
     ax_t.set_title("time per chunk")
-    ax_t.set_ylim(bottom=0)
-    ax_m.set_xlabel("latent frame")
-    ax_m.set_ylabel("KV cache (MiB)")
+    ax_m.set_ylabel("KV cache (MiB" + (", log scale)" if log_memory else ")"))
     ax_m.set_title("KV cache memory")
-    ax_m.set_ylim(bottom=0)
-    for ax in (ax_t, ax_m):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8,
+               frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,8 +42,12 @@ DTYPES = ("float16", "bfloat16", "float32")
 # backend alike and the CPU suite covers them, so an edit there does not un-validate every kernel.
 _TRITON_IEEE = ("triton_kernels/_ieee.py",)
 _ROPE_GLUE = ("vidstream/ops/rope3d.py", "vidstream/ops/rope_math.py")
-_ATTENTION_TRITON = ("triton_kernels/attention.py", *_TRITON_IEEE, "vidstream/ops/attention.py")
-_LOWRANK_TRITON = ("triton_kernels/lowrank.py", *_TRITON_IEEE, "vidstream/ops/lowrank.py")
+_ROPE_MATH = ("vidstream/ops/rope_math.py",)  # the offsets' angle tables (kv_deltas)
+# The backward kernels count with the forward: a validated op serves gradients too.
+_ATTENTION_TRITON = ("triton_kernels/attention.py", "triton_kernels/attention_backward.py",
+                     *_TRITON_IEEE, "vidstream/ops/attention.py", *_ROPE_MATH)
+_LOWRANK_TRITON = ("triton_kernels/lowrank.py", *_TRITON_IEEE, "vidstream/ops/lowrank.py",
+                   *_ROPE_MATH)
 
 # The quoted-include closure of each csrc/cuda binding and its csrc/kernels kernel
 # (tests/test_validation.py checks it against the #include lines).
@@ -52,7 +56,8 @@ _CUDA_COMMON = ("csrc/cuda/binding_common.h", "csrc/cuda/check_launch.h", "csrc/
                 "csrc/tensor_checks.h")
 _CUDA_FAMILY = {
     "attention": ("csrc/cuda/attention.cpp", "csrc/kernels/attention.cu", "csrc/kernels/attention.h",
-                  "csrc/kernels/ieee.cuh", "csrc/kernels/ranges.cuh", "csrc/attention_common.h"),
+                  "csrc/kernels/ieee.cuh", "csrc/kernels/ranges.cuh", "csrc/attention_common.h",
+                  "csrc/rope3d_common.h"),
     "lowrank": ("csrc/cuda/lowrank.cpp", "csrc/kernels/lowrank.cu", "csrc/kernels/lowrank.h",
                 "csrc/kernels/ranges.cuh", "csrc/lowrank_common.h"),
     "rope3d": ("csrc/cuda/rope3d.cpp", "csrc/kernels/rope3d.cu", "csrc/kernels/rope3d.h",
@@ -61,7 +66,7 @@ _CUDA_FAMILY = {
                      "csrc/kernels/rope3d_store.h", "csrc/rope3d_common.h"),
     "select_blocks": ("csrc/cuda/select_blocks.cpp", "csrc/kernels/select_blocks.cu",
                       "csrc/kernels/select_blocks.h", "csrc/kernels/ieee.cuh",
-                      "csrc/kernels/ranges.cuh", "csrc/select_common.h"),
+                      "csrc/kernels/ranges.cuh", "csrc/select_common.h", "csrc/rope3d_common.h"),
 }
 
 
@@ -81,7 +86,7 @@ SOURCES: dict[tuple[str, str], tuple[str, ...]] = {
     ("rope3d_store_", "triton"): ("triton_kernels/rope3d_store.py", "triton_kernels/rope3d.py",
                                   *_ROPE_GLUE),
     ("select_blocks", "triton"): ("triton_kernels/select_blocks.py", *_TRITON_IEEE,
-                                  "vidstream/ops/select_blocks.py"),
+                                  "vidstream/ops/select_blocks.py", *_ROPE_MATH),
     ("chunk_attention", "cuda"): _cuda("attention", glue=("vidstream/ops/attention.py",)),
     ("cached_attention", "cuda"): _cuda("attention", glue=("vidstream/ops/attention.py",)),
     ("lowrank_decompress", "cuda"): _cuda("lowrank", glue=("vidstream/ops/lowrank.py",)),

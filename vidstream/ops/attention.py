@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _extension, backend
 from . import checks
-from .metadata import TokenRanges
+from .metadata import RangeDeltas, TokenRanges
 
 # What an attention op returns: ``out``, or ``(out, lse)`` when ``return_lse=True``.
 AttentionResult = Union[Tensor, tuple[Tensor, Tensor]]
@@ -85,8 +85,9 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_tokens: int, chunk
     return CHUNK_ATTENTION.resolve(q, grad)(q, k, v, frame_tokens, *mask, scale, return_lse)
 
 
-# Per-range temporal offsets in frames: a number for every range, R numbers, or a float tensor [R].
-DeltasLike = Union[float, Sequence, Tensor, None]
+# Per-range temporal offsets in frames: a number for every range, R numbers, a float tensor [R],
+# or prepared RangeDeltas.
+DeltasLike = Union[float, Sequence, Tensor, RangeDeltas, None]
 
 
 @overload
@@ -220,6 +221,10 @@ def range_deltas(deltas, ranges: TokenRanges, keys: Tensor, t_theta, theta,
     checks.t_theta(t_theta, keys.shape[2])
     if deltas is None:
         return None
+    if isinstance(deltas, RangeDeltas):  # prepared: its length is all there is to check
+        if len(deltas) != len(ranges):
+            checks.fail(f"{name} must have one entry per range ({len(ranges)}), got {len(deltas)}")
+        return deltas.tensor if deltas.any else None
     out = checks.positions(deltas, len(ranges), name, "R")
     if not torch.compiler.is_compiling() and not bool(out.any()):
         return None
@@ -674,3 +679,155 @@ def _chunk_attention_torch(q, k, v, frame_tokens, chunk_frames, sink_frames, win
 
 CHUNK_ATTENTION.register("torch", _chunk_attention_torch)
 CACHED_ATTENTION.register("torch", _cached_attention_torch)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Backward of the kernel ops (issue #14), registered the torch.library way on the C++ ops
+# (vidstream::chunk_attention, vidstream::cached_attention: every device they have a backward
+# kernel for) and on the Triton ops (vidstream::*_attention_triton). Saved: q, k, v, out, lse
+# (the forward always returns lse) and the non-tensor arguments; the backward kernels recompute P
+# from lse (never L x L). A gradient of lse (``return_lse=True`` and used) is folded in exactly
+# (autograd_utils.fold_lse_grad). reference and torch are differentiated by autograd itself.
+
+from . import autograd_utils as _ag  # noqa: E402
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = inputs[3:]
+    ctx.set_materialize_grads(False)  # an unused lse has no gradient: skip its fold
+
+
+def _cached_setup_context(ctx, inputs, output):
+    q, k_pool, v_pool, kv_ranges, scale = inputs[:5]
+    rest = tuple(inputs[5:]) + (None, 10000.0, None)[len(inputs) - 5:]
+    kv_deltas, theta, t_theta = rest
+    out, lse = output
+    ctx.save_for_backward(q, k_pool, v_pool, out, lse, kv_ranges, kv_deltas, t_theta)
+    ctx.scale, ctx.theta = scale, theta
+    ctx.set_materialize_grads(False)
+
+
+def _chunk_backward_with(kernel):
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None, None
+        dq, dk, dv = _ag.attention_grads(kernel, dout, dlse, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
+
+
+def _cached_backward_with(kernel):
+    def backward(ctx, dout, dlse):
+        q, k_pool, v_pool, out, lse, kv_ranges, kv_deltas, t_theta = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None, None
+        dq, dk, dv = _ag.attention_grads(kernel, dout, dlse, q, k_pool, v_pool, out, lse,
+                                         kv_ranges, float(ctx.scale), kv_deltas,
+                                         float(ctx.theta), t_theta)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
+
+
+def _chunk_backward_native(dout, q, k, v, out, lse, *args):
+    return torch.ops.vidstream.chunk_attention_backward(dout, q, k, v, out, lse, *args)
+
+
+def _cached_backward_native(dout, q, k_pool, v_pool, out, lse, kv_ranges, scale, kv_deltas,
+                            theta, t_theta):
+    return torch.ops.vidstream.cached_attention_backward(dout, q, k_pool, v_pool, out, lse,
+                                                         kv_ranges, scale, kv_deltas, theta,
+                                                         t_theta)
+
+
+if _extension.load():
+    torch.library.register_autograd("vidstream::chunk_attention",
+                                    _chunk_backward_with(_chunk_backward_native),
+                                    setup_context=_attention_setup_context)
+    torch.library.register_autograd("vidstream::cached_attention",
+                                    _cached_backward_with(_cached_backward_native),
+                                    setup_context=_cached_setup_context)
+
+
+def _chunk_backward_triton(dout, q, k, v, out, lse, frame_tokens, chunk_frames, sink_frames,
+                           window_frames, scale):
+    from ..triton_kernels import attention_backward as kernels
+
+    return kernels.chunk_attention_backward_triton(dout, q, k, v, out, lse, frame_tokens,
+                                                   chunk_frames, sink_frames, window_frames,
+                                                   float(scale))
+
+
+def _cached_backward_triton(dout, q, k_pool, v_pool, out, lse, kv_ranges, scale, kv_deltas,
+                            theta, t_theta):
+    from ..triton_kernels import attention_backward as kernels
+
+    return kernels.cached_attention_backward_triton(dout, q, k_pool, v_pool, out, lse, kv_ranges,
+                                                    float(scale), kv_deltas, float(theta), t_theta)
+
+
+def _register_triton_attention_autograd():
+    from ..triton_kernels import attention as kernels
+
+    kernels.chunk_attention_triton.register_autograd(
+        _chunk_backward_with(_chunk_backward_triton), setup_context=_attention_setup_context)
+    kernels.cached_attention_triton.register_autograd(
+        _cached_backward_with(_cached_backward_triton), setup_context=_cached_setup_context)
+
+
+_ag.on_triton("attention", _register_triton_attention_autograd)
+for _op in (CHUNK_ATTENTION, CACHED_ATTENTION):
+    _op.mark_differentiable("triton", _ag.triton_ready("attention"))
+CHUNK_ATTENTION.mark_differentiable("cpu", _ag.kernel_backward("chunk_attention_backward", "CPU"))
+CACHED_ATTENTION.mark_differentiable("cpu", _ag.kernel_backward("cached_attention_backward", "CPU"))
+# CUDA backward kernels are not part of issue #14 (Triton serves the GPU): differentiable only
+# where a build registers them.
+CHUNK_ATTENTION.mark_differentiable("cuda", _ag.kernel_backward("chunk_attention_backward", "CUDA"))
+CACHED_ATTENTION.mark_differentiable("cuda", _ag.kernel_backward("cached_attention_backward", "CUDA"))
+
+
+def _lse_by_autograd(run, eager, lse_at: int):
+    """The torch backend's ``run`` where a gradient may flow through a returned lse: PyTorch's
+    fused attention returns its lse without a derivative, so with ``return_lse`` (argument
+    ``lse_at``) and inputs that require grad the eager formulation runs instead (autograd
+    differentiates its logsumexp; materialised scores, as the reference)."""
+
+    def wrapped(*args):
+        if args[lse_at] and backend.needs_grad(*args[:3]):
+            return eager(*args)
+        return run(*args)
+
+    return wrapped
+
+
+CHUNK_ATTENTION.register("torch", _lse_by_autograd(_chunk_attention_torch, chunk_attention_eager, 8))
+CACHED_ATTENTION.register("torch", _lse_by_autograd(_cached_attention_torch, cached_attention_eager,
+                                                    5))
+
+
+def _backward_outputs(dout, q, k, v, *args):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _has_fake(op: str) -> bool:
+    """Whether ``vidstream::op`` already has a fake registered (by its kernel's author)."""
+    try:
+        from torch._library.simple_registry import singleton
+
+        return singleton.find(f"vidstream::{op}").fake_impl.kernel is not None
+    except (ImportError, AttributeError):
+        return False
+
+
+# The backward ops' fakes (for torch.compile of a backward through the C++ kernels), unless the
+# kernels' own module registered them first.
+for _name in ("chunk_attention_backward", "cached_attention_backward"):
+    if _extension.load() and not _has_fake(_name):
+        _extension.register_fake(_name)(_backward_outputs)

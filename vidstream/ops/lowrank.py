@@ -480,3 +480,246 @@ def _lowrank_attention_torch(q, c_pool, w_uk, w_uv, ranges: TokenRanges, k_r_poo
 
 LOWRANK_DECOMPRESS.register("torch", _decompress_torch)
 LOWRANK_CACHED_ATTENTION.register("torch", _lowrank_attention_torch)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Backward of the kernel ops (issue #14), composed of PyTorch ops plus the attention backward
+# kernel of the same backend:
+#   lowrank_decompress (C++ vidstream::lowrank_decompress, Triton lowrank_decompress_triton):
+#     k_h = concat(c @ w_uk[h], k_r), v_h = c @ w_uv[h] over the gathered tokens, so
+#     dc = sum_h dk_nope_h @ w_uk[h]^T + dv_h @ w_uv[h]^T, dw_uk[h] = c^T dk_nope_h,
+#     dw_uv[h] = c^T dv_h, dk_r = sum_h dk_r_h; the per-token gradients are scattered into zero
+#     pools (a pool token outside the ranges gets 0; ranges are disjoint, so one read each).
+#   lowrank_cached_attention (C++, the fused "tiled"/"absorb" kernel): K, V decompressed over the
+#     whole pool (the op's ranges are a tensor: their token count is not on the host), then
+#     cached_attention_backward over kv_ranges (zero outside them), then the decompression's
+#     chain rule above; offsets rotate the RoPE key forward, and its gradient back.
+#   lowrank_latent_attention_triton (Triton "absorb"): the Triton cached_attention backward of
+#     the latent attention (one kv head, keys concat(c, c, k_r) for queries concat(hi, lo, q_r):
+#     the hi + lo split attended exactly), then the same chain rule.
+# With gradients, the public function runs the kernel backends' "decompress" strategy (its
+# backward recomputes the softmax in the forward's order; see _grad_ready), and with kv_deltas on
+# a k_r_pool that requires grad it moves a copy of k_r_pool first with PyTorch ops (the
+# definition; autograd differentiates it). The fused ops' own autograd (above) serves direct
+# calls of the ops, torch.compile and opcheck.
+
+from . import autograd_utils as _ag  # noqa: E402
+
+
+def _decompress_grads(dk, dv, c, w_uk, w_uv, d_nope, need):
+    """(dc [B, N, d_c], dw_uk, dw_uv, dk_r [B, N, d_r] or None) of the tokens' decompression;
+    ``need``: which of c, w_uk, w_uv are wanted."""
+    dc = dw_uk = dw_uv = None
+    dk_n = dk[..., :d_nope] if dk is not None else None
+    if need[0]:
+        dc = c.new_zeros(c.shape)
+        if dk_n is not None:
+            dc = dc + torch.einsum("bnhd,hcd->bnc", dk_n, w_uk)
+        if dv is not None:
+            dc = dc + torch.einsum("bnhd,hcd->bnc", dv, w_uv)
+    if need[1]:
+        dw_uk = torch.zeros_like(w_uk) if dk_n is None else torch.einsum("bnc,bnhd->hcd", c, dk_n)
+    if need[2]:
+        dw_uv = torch.zeros_like(w_uv) if dv is None else torch.einsum("bnc,bnhd->hcd", c, dv)
+    dk_r = dk[..., d_nope:].sum(2) if dk is not None and dk.shape[3] > d_nope else None
+    return dc, dw_uk, dw_uv, dk_r
+
+
+def _decompress_setup_context(ctx, inputs, output):
+    c_pool, w_uk, w_uv = inputs[:3]
+    ctx.k_r_shape = None if inputs[-1] is None else inputs[-1].shape
+    ctx.save_for_backward(c_pool, w_uk, w_uv, inputs[3])  # kv_ranges or token_idx
+    ctx.num_tokens = inputs[4] if len(inputs) == 6 else None  # the C++ op's num_tokens
+
+
+def _decompress_backward(ctx, dk, dv):
+    c_pool, w_uk, w_uv, index = ctx.saved_tensors
+    idx = (_ag.token_index(index, ctx.num_tokens) if ctx.num_tokens is not None
+           else index.to(torch.int64))
+    P = c_pool.shape[1]
+    c = c_pool.index_select(1, idx)
+    need = ctx.needs_input_grad
+    dc, dw_uk, dw_uv, dk_r = _decompress_grads(dk, dv, c, w_uk, w_uv, w_uk.shape[2],
+                                               (need[0], need[1], need[2]))
+    dc_pool = None if dc is None else _ag.scatter_tokens(dc, idx, P)
+    dk_r_pool = None
+    if ctx.k_r_shape is not None and need[-1]:
+        dk_r_pool = (c_pool.new_zeros(ctx.k_r_shape) if dk_r is None
+                     else _ag.scatter_tokens(dk_r, idx, P))
+    if ctx.num_tokens is not None:  # C++: (c_pool, w_uk, w_uv, kv_ranges, num_tokens, k_r_pool)
+        return dc_pool, dw_uk, dw_uv, None, None, dk_r_pool
+    return dc_pool, dw_uk, dw_uv, None, dk_r_pool  # Triton: (..., token_idx, k_r_pool)
+
+
+def _rotate_k_r(k_r: Tensor, per_token: Tensor, theta, inverse: bool) -> Tensor:
+    """k_r [B, N, d_r] with its temporal band rotated by per-token offsets (float64 [N]) as
+    rope3d_shift_ moves it (inverse: the transposed rotation, for gradients)."""
+    from .rope_math import rope_bands, rotate_pairs, temporal_angles
+
+    c_t = rope_bands(k_r.shape[2])[0]
+    ang = temporal_angles(per_token.to(k_r.device), c_t, theta, None)[:, 0]  # [N, c_t]
+    band = rotate_pairs(k_r[..., : 2 * c_t], (-ang if inverse else ang)[None])
+    return torch.cat([band, k_r[..., 2 * c_t:]], dim=-1)
+
+
+def _pool_deltas(kv_ranges: Tensor, deltas: Tensor, P: int, device) -> Tensor:
+    """float64 [P]: each pool token's range offset (0 outside the ranges)."""
+    r = kv_ranges.to(device, torch.int64)
+    pos = torch.arange(P, device=device)
+    member = (pos[None] >= r[:, :1]) & (pos[None] < r[:, 1:])
+    return torch.where(member, deltas.to(device, torch.float64)[:, None], 0.0).sum(0)
+
+
+def _lowrank_attention_setup_context(ctx, inputs, output):
+    q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool, scale, absorb, kv_deltas, theta = inputs
+    out, lse = output
+    ctx.save_for_backward(q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool, kv_deltas, out, lse)
+    ctx.scale, ctx.theta = scale, theta
+    ctx.set_materialize_grads(False)
+
+
+def _lowrank_attention_backward(ctx, dout, dlse):
+    q, c_pool, w_uk, w_uv, kv_ranges, k_r_pool, kv_deltas, out, lse = ctx.saved_tensors
+    none = (None,) * 10
+    if dout is None and dlse is None:
+        return none
+    d_nope = w_uk.shape[2]
+    P = c_pool.shape[1]
+    k_r = k_r_pool
+    per_token = None
+    if k_r_pool is not None and kv_deltas is not None:
+        per_token = _pool_deltas(kv_ranges, kv_deltas, P, k_r_pool.device)
+        k_r = _rotate_k_r(k_r_pool, per_token, ctx.theta, False)
+    k, v = _decompress_tokens(c_pool, w_uk, w_uv, k_r)  # the whole pool: [B, P, H, *]
+    dq, dk, dv = _ag.attention_grads(
+        torch.ops.vidstream.cached_attention_backward, dout, dlse, q, k.contiguous(),
+        v.contiguous(), out, lse, kv_ranges, float(ctx.scale), None, 10000.0, None)
+    need = ctx.needs_input_grad
+    dc, dw_uk, dw_uv, dk_r = _decompress_grads(dk, dv, c_pool, w_uk, w_uv, d_nope,
+                                               (need[1], need[2], need[3]))
+    dk_r_pool = None
+    if k_r_pool is not None and dk_r is not None:
+        dk_r_pool = dk_r if per_token is None else _rotate_k_r(dk_r, per_token, ctx.theta, True)
+    return dq, dc, dw_uk, dw_uv, None, dk_r_pool, None, None, None, None
+
+
+if _extension.load():
+    torch.library.register_autograd("vidstream::lowrank_decompress", _decompress_backward,
+                                    setup_context=_decompress_setup_context)
+    torch.library.register_autograd("vidstream::lowrank_cached_attention",
+                                    _lowrank_attention_backward,
+                                    setup_context=_lowrank_attention_setup_context)
+
+
+def _latent_setup_context(ctx, inputs, output):
+    q_lat, q_lat_lo, q_r, c_pool, k_r_pool, token_idx, scale, token_deltas, theta = inputs
+    o, lse = output
+    ctx.save_for_backward(q_lat, q_lat_lo, q_r, c_pool, k_r_pool, token_idx, token_deltas, o, lse)
+    ctx.scale, ctx.theta = scale, theta
+    ctx.set_materialize_grads(False)
+
+
+def _latent_backward(ctx, do, dlse):
+    """The latent attention as a cached_attention of one kv head over the gathered tokens
+    (queries R = Lq * H rows): its Triton backward, then the gather's and the rotation's."""
+    from ..triton_kernels import attention_backward as kernels
+
+    q_lat, q_lat_lo, q_r, c_pool, k_r_pool, token_idx, token_deltas, o, lse = ctx.saved_tensors
+    if do is None and dlse is None:
+        return (None,) * 9
+    dt = q_lat.dtype
+    idx = token_idx.to(torch.int64)
+    N, P, d_c = idx.shape[0], c_pool.shape[1], c_pool.shape[2]
+    c = c_pool.index_select(1, idx)
+    qs, ks = [q_lat], [c]
+    if q_lat_lo is not None:
+        qs.append(q_lat_lo)
+        ks.append(c)
+    has_r = q_r is not None and k_r_pool is not None and k_r_pool.shape[2] > 0
+    if has_r:
+        k_r = k_r_pool.index_select(1, idx)
+        if token_deltas is not None:
+            k_r = _rotate_k_r(k_r, token_deltas, ctx.theta, False)
+        qs.append(q_r)
+        ks.append(k_r)
+    qa = torch.cat(qs, dim=-1).unsqueeze(2)  # [B, R, 1, *]
+    ka = torch.cat(ks, dim=-1).unsqueeze(2).to(dt)
+    va = c.unsqueeze(2).to(dt)
+    whole = torch.tensor([[0, N]], dtype=torch.int32, device=q_lat.device)
+    dq, dk, dv = _ag.attention_grads(
+        lambda *a: kernels.cached_attention_backward_triton(*a),
+        None if do is None else do.unsqueeze(2).to(dt), None if dlse is None else dlse[:, None],
+        qa, ka.contiguous(), va.contiguous(), o.unsqueeze(2).to(dt), lse[:, None], whole,
+        float(ctx.scale), None, 10000.0, None)
+    dq, dk, dv = dq[:, :, 0], dk[:, :, 0], dv[:, :, 0]
+    dq_lat = dq[..., :d_c]
+    dq_lo = dq[..., d_c:2 * d_c] if q_lat_lo is not None else None
+    off = d_c * (2 if q_lat_lo is not None else 1)
+    dc = dv.to(c_pool.dtype) + dk[..., :d_c].to(c_pool.dtype)
+    if q_lat_lo is not None:
+        dc = dc + dk[..., d_c:2 * d_c].to(c_pool.dtype)
+    dc_pool = _ag.scatter_tokens(dc, idx, P)
+    dq_r = dk_r_pool = None
+    if has_r:
+        dq_r = dq[..., off:]
+        dk_r = dk[..., off:]
+        if token_deltas is not None:
+            dk_r = _rotate_k_r(dk_r, token_deltas, ctx.theta, True)
+        dk_r_pool = _ag.scatter_tokens(dk_r.to(k_r_pool.dtype), idx, P)
+    return dq_lat, dq_lo, dq_r, dc_pool, dk_r_pool, None, None, None, None
+
+
+def _register_triton_decompress_autograd():
+    from ..triton_kernels import lowrank as kernels
+
+    kernels.lowrank_decompress_triton.register_autograd(_decompress_backward,
+                                                        setup_context=_decompress_setup_context)
+
+
+def _register_triton_latent_autograd():
+    from ..triton_kernels import lowrank as kernels
+
+    kernels.lowrank_latent_attention_triton.register_autograd(
+        _latent_backward, setup_context=_latent_setup_context)
+
+
+_ag.on_triton("light", _register_triton_decompress_autograd)
+_ag.on_triton("attention", _register_triton_latent_autograd)
+
+
+def _grad_ready(run):
+    """``run`` (a kernel backend's lowrank_cached_attention) as it runs when gradients are
+    needed: strategy "decompress" (the kernel's decompression, then its cached_attention: the
+    backward recomputes the softmax in the order the forward formed it; the fused "absorb" and
+    "tiled" forwards form the scores in another order, and a backward from their saved lse
+    measured up to 5x eager's float32 error), with offsets applied first by PyTorch ops where
+    k_r_pool requires grad (autograd differentiates the rotation, the definition)."""
+
+    def wrapped(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy,
+                deltas=None, theta=10000.0):
+        if backend.needs_grad(q, c_pool, w_uk, w_uv, k_r_pool):
+            strategy = "decompress"
+        if deltas is not None and backend.needs_grad(k_r_pool):
+            k_r_pool = shifted_k_r_pool(k_r_pool, ranges, deltas, theta)
+            deltas = None
+        rope = () if deltas is None else (deltas, theta)
+        return run(q, c_pool, w_uk, w_uv, ranges, k_r_pool, scale, return_lse, strategy, *rope)
+
+    return wrapped
+
+
+for _name in ("cpu", "cuda", "triton"):
+    LOWRANK_CACHED_ATTENTION.register(_name, _grad_ready(LOWRANK_CACHED_ATTENTION.impl(_name)))
+LOWRANK_DECOMPRESS.mark_differentiable("cpu")
+LOWRANK_DECOMPRESS.mark_differentiable("cuda")
+LOWRANK_DECOMPRESS.mark_differentiable("triton", _ag.triton_ready("light"))
+LOWRANK_CACHED_ATTENTION.mark_differentiable(
+    "cpu", _ag.kernel_backward("cached_attention_backward", "CPU"))
+LOWRANK_CACHED_ATTENTION.mark_differentiable(
+    "cuda", _ag.kernel_backward("cached_attention_backward", "CUDA"))
+LOWRANK_CACHED_ATTENTION.mark_differentiable("triton", _ag.triton_ready("attention"))
+# The torch backend's fused attention returns lse without a derivative: with return_lse and
+# gradients, the definition runs (autograd differentiates its logsumexp).
+LOWRANK_CACHED_ATTENTION.register("torch", lambda *a: (
+    lowrank_cached_attention_eager(*a) if a[7] and backend.needs_grad(a[0], a[1], a[2], a[3], a[5])
+    else _lowrank_attention_torch(*a)))

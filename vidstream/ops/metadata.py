@@ -118,3 +118,28 @@ class FrameSlots:
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class RangeDeltas:
+    """Per-range temporal offsets in frames (``kv_deltas`` / ``block_deltas``) prepared once:
+    ``tensor`` float64 [R] on the CPU (host values, from which the kernels build their angle
+    tables) and ``values`` (the same numbers as floats). An op given one checks only its length
+    and never reads the tensor."""
+
+    tensor: torch.Tensor
+    values: tuple
+
+    @classmethod
+    def trusted(cls, values) -> "RangeDeltas":
+        """From finite numbers the caller guarantees, one per range."""
+        values = tuple(float(v) for v in values)
+        return cls(torch.tensor(values, dtype=torch.float64).reshape(-1), values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def any(self) -> bool:
+        """Whether some offset is not 0 (all 0: the op without offsets)."""
+        return any(v != 0.0 for v in self.values)

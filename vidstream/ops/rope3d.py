@@ -315,7 +315,8 @@ def _rope3d_store_triton(k_pool, v_pool, k, v, slots, grid, theta, t_theta):
 
 
 @_extension.register_fake("rope3d")
-def _rope3d_fake(x, frames, height, width, frame_offset=0.0, theta=10000.0, t_theta=None):
+def _rope3d_fake(x, frames, height, width, frame_offset=0.0, theta=10000.0, t_theta=None,
+                 inverse=False):
     return torch.empty_like(x)
 
 
@@ -433,3 +434,55 @@ def _rope3d_store_torch(k_pool, v_pool, k, v, slots: FrameSlots, grid, theta, t_
 ROPE3D.register("torch", _rope3d_torch)
 ROPE3D_SHIFT.register("torch", _rope3d_shift_torch)
 ROPE3D_STORE.register("torch", _rope3d_store_torch)
+
+
+# ----------------------------------------------------------------------------- autograd
+# rope3d is a rotation of each channel pair: its backward is the inverse rotation of the
+# gradient (rope3d(grad, ..., inverse=True)), registered on the C++ op vidstream::rope3d and the
+# Triton op vidstream::rope3d_triton. x is not saved.
+#
+# rope3d_shift_ and rope3d_store_ write a cache in place; their kernels have no backward. A
+# Self-Forcing-style step keeps its cache detached (gradients flow through the current chunk's
+# q, k, v only), so they never need one. Inputs that require grad run them on the torch backend
+# by default (autograd differentiates its in-place ops, as the reference's); a kernel backend
+# forced for such inputs raises a ValueError naming the op and the backend.
+
+from . import autograd_utils as _ag  # noqa: E402
+
+
+def _rope3d_setup_context(ctx, inputs, output):
+    ctx.args = inputs[1:7]  # frames, height, width, frame_offset, theta, t_theta
+    ctx.inverse = bool(inputs[7]) if len(inputs) > 7 else False
+    ctx.save_for_backward(inputs[6] if isinstance(inputs[6], torch.Tensor) else None)
+
+
+def _rope3d_backward_with(fn):
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 8
+        frames, height, width, frame_offset, theta, _ = ctx.args
+        (t_theta,) = ctx.saved_tensors
+        gx = fn(grad.contiguous(), frames, height, width, float(frame_offset), float(theta),
+                t_theta, not ctx.inverse)
+        return gx, None, None, None, None, None, None, None
+
+    return backward
+
+
+if _extension.load():
+    torch.library.register_autograd("vidstream::rope3d",
+                                    _rope3d_backward_with(torch.ops.vidstream.rope3d),
+                                    setup_context=_rope3d_setup_context)
+
+
+def _register_triton_rope3d_autograd():
+    from ..triton_kernels import rope3d as kernels
+
+    kernels.rope3d_triton.register_autograd(_rope3d_backward_with(kernels.rope3d_triton),
+                                            setup_context=_rope3d_setup_context)
+
+
+_ag.on_triton("light", _register_triton_rope3d_autograd)
+ROPE3D.mark_differentiable("cpu")
+ROPE3D.mark_differentiable("cuda")
+ROPE3D.mark_differentiable("triton", _ag.triton_ready("light"))

@@ -380,3 +380,12 @@ def _block_scores_torch(q, k_pool, blocks, query_stride, heads, score, scale, su
 
 
 SELECT_BLOCKS.register("torch", _select_blocks_torch)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Not differentiable, on every backend (issue #14): select_blocks returns integer indices, which
+# have no gradient, and block_scores' scores only rank blocks for that choice: the kernel
+# backends return them without a graph (the reference and torch backends' eager scores happen
+# to carry one; no gradient of them is part of the contract). Training differentiates the
+# attention over the blocks chosen, not the choice. Inputs that require grad are fine: the
+# default kernel runs as in inference.

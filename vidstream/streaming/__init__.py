@@ -2,7 +2,9 @@
 ``bounded_cache`` (``StreamingKVCache``), ``naive_cache`` (``NaiveKVCache``, the baseline),
 ``compressors`` (mid-block compressors), ``model`` (``StreamingDiT``), ``full_sequence``
 (``FullSequenceAttention``, the whole-video oracle), ``lowrank_kv`` (``LowRankKV``),
-``generator`` (``StreamingGenerator``) and ``runner`` (one timed streaming run)."""
+``generator`` (``StreamingGenerator``), ``loading`` (checkpoints and diffusers models into
+``StreamingDiT``), ``self_forcing`` (``from_self_forcing_config``) and ``runner`` (one timed
+streaming run)."""
 
 from .bounded_cache import ChunkState, StreamingKVCache
 from .compressors import AvgPoolCompressor, ConvCompressor, MidCompressor, PoolCompressor, default_compressor
@@ -13,6 +15,7 @@ from .lowrank_kv import LowRankKV
 from .model import PRESETS, DiTConfig, StreamingDiT
 from .naive_cache import NaiveKVCache
 from .runner import ChunkRecord, StreamRun, run_stream
+from .self_forcing import from_self_forcing_config
 
 __all__ = [
     "PRESETS",
@@ -32,6 +35,7 @@ __all__ = [
     "StreamingGenerator",
     "StreamingKVCache",
     "default_compressor",
+    "from_self_forcing_config",
     "run_stream",
     "warp_timesteps",
 ]

@@ -4,7 +4,8 @@ Patch embedding 1x2x2, per-frame AdaLN timestep modulation (Self-Forcing's causa
 RMSNorm, 3D RoPE and self-attention through a cache object, cross-attention to text tokens with a
 cached text K/V, GELU-tanh FFN, head and unpatchify. Parameter names and shapes are those of
 Wan2.1's ``WanModel`` state dict, so a Wan2.1 / Self-Forcing checkpoint loads with
-``from_pretrained``.
+``from_pretrained`` (and diffusers' ``WanTransformer3DModel`` with ``from_diffusers``; both in
+``loading.py``).
 
 Self-attention is delegated: each block calls ``attention.attend(layer, q, k, v, grid)`` with q and
 k after RMSNorm and before RoPE. A ``StreamingKVCache`` / ``NaiveKVCache`` implements it for
@@ -13,12 +14,9 @@ streaming; ``FullSequenceAttention`` runs the whole video at once with ``chunk_a
 
 from __future__ import annotations
 
-import glob
-import json
 import math
 import os
-import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +52,10 @@ PRESETS = {
     # Small enough for CPU tests: 4 x 4 tokens a frame, 2 layers of 4 heads x 16.
     "tiny": DiTConfig(dim=64, num_heads=4, num_layers=2, ffn_dim=128, freq_dim=32, text_dim=32,
                       text_len=8, latent_hw=(8, 8)),
-    # Wan2.1-T2V-1.3B (Self-Forcing's backbone): 30 x 52 = 1560 tokens a frame.
+    # Wan2.1-T2V-1.3B (Self-Forcing's / LongLive's backbone) and Wan2.1-T2V-14B (wan/configs/), at
+    # 832 x 480: VAE stride 8 -> 60 x 104 latents, patch (1, 2, 2) -> 30 x 52 = 1560 tokens a frame.
     "wan-1.3b": DiTConfig(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960),
+    "wan-14b": DiTConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
 }
 
 
@@ -156,9 +156,6 @@ class Head(nn.Module):
         return self.head(y.view(B, L, d).to(self.head.weight.dtype))
 
 
-_CHECKPOINT_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "model.", "generator.")
-
-
 class StreamingDiT(nn.Module):
     """Wan2.1-shaped DiT. ``StreamingDiT("tiny", seed=0)`` or ``StreamingDiT(DiTConfig(...))``;
     random weights are drawn from ``seed``."""
@@ -210,12 +207,17 @@ class StreamingDiT(nn.Module):
     # -- text
 
     def text_kv(self, text: torch.Tensor) -> list:
-        """Per layer the cross-attention K and V [B, Lt, H, Dh] of ``text`` [B, Lt, text_dim]
-        (zero-padded to ``text_len`` like Wan), computed once per video."""
+        """Per layer the cross-attention K and V [B, text_len, H, Dh] of ``text`` [B, Lt,
+        text_dim] with Lt <= text_len (zero-padded to ``text_len`` like Wan), computed once per
+        video."""
         cfg = self.config
         if text.dim() != 3 or text.shape[2] != cfg.text_dim:
             raise ValueError(f"text embeddings must be [B, Lt, text_dim={cfg.text_dim}], "
                              f"got {tuple(text.shape)}")
+        if text.shape[1] > cfg.text_len:
+            # Wan pads to text_len and fails on longer text; cutting it would drop the prompt's end.
+            raise ValueError(f"text embeddings have {text.shape[1]} tokens, more than the model's "
+                             f"text_len={cfg.text_len}")
         if text.shape[1] < cfg.text_len:
             text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[1]))
         ctx = self.text_embedding(text.to(self.device, self.dtype))
@@ -258,95 +260,55 @@ class StreamingDiT(nn.Module):
     # -- checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str, *, num_heads: int | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        latent_hw: tuple[int, int] | None = None) -> StreamingDiT:
-        """Loads a Wan2.1 / Self-Forcing checkpoint: a ``.safetensors`` file, a folder of them
-        (``diffusion_pytorch_model*.safetensors``, with Wan's ``config.json``), or a torch file
-        (a state dict, or one under ``generator_ema`` / ``generator`` / ``state_dict`` / ``model``;
-        ``model.``-style wrapper prefixes are stripped). The architecture is read from the tensor
-        shapes; the head count from ``num_heads``, ``config.json`` or the preset of that width;
-        ``latent_hw`` (latent height, width of a frame) defaults to the preset's.
+    def from_pretrained(cls, path: str, *, key: str | None = None, num_heads: int | None = None,
+                        text_len: int | None = None, latent_hw: tuple[int, int] | None = None,
+                        dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> StreamingDiT:
+        """Loads a Wan2.1-T2V / Self-Forcing / LongLive checkpoint: a ``.safetensors`` file, a
+        folder of them (``diffusion_pytorch_model*.safetensors`` with Wan's ``config.json``; a
+        diffusers folder goes to ``from_diffusers``), or a torch file.
 
-        ``.safetensors`` files are read with the ``safetensors`` package, memory-mapped: a
-        checkpoint is not held twice in memory, and any dtype it stores (fp8 included) is cast
-        to ``dtype`` once, on ``device``. See docs/spec.md §6 (``StreamingDiT``)."""
-        state, meta = _load_state(path)
-        cfg = _config_from_state(state, num_heads or meta.get("num_heads"), latent_hw)
-        with torch.device("meta"):  # no random init of weights about to be replaced
-            model = cls(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path!r} does not match a Wan2.1 model: missing "
-                             f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
-        return model.to(device=device, dtype=dtype)
+        ``key``: the entry of a checkpoint holding several state dicts. Self-Forcing / LongLive
+        files hold ``generator`` and ``generator_ema``; the default (``None``) takes ``generator``,
+        as their ``inference.py`` does without ``--use_ema`` (``key="generator_ema"`` for EMA),
+        and a plain state dict as it is. Wrapper prefixes (``model.``, ``module.``,
+        ``_fsdp_wrapped_module.``, ``_orig_mod.``) are stripped.
 
+        Architecture: from the tensor shapes and every field of ``config.json`` (see
+        ``vidstream.streaming.loading``); ``num_heads`` / ``text_len`` override it (a
+        contradiction is an error); without either, heads come from the Wan preset of that width
+        and ``text_len`` is Wan's 512. ``latent_hw`` (latent height, width of a frame) defaults
+        to 60 x 104 (832 x 480 video). Image-to-video checkpoints are refused.
 
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file, memory-mapped by the ``safetensors`` package."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("StreamingDiT.from_pretrained needs the safetensors package to read "
-                          f"{path!r}: pip install safetensors") from None
-    return load_file(path, device="cpu")
+        ``.safetensors`` files are read with ``safetensors.safe_open`` (memory-mapped), each tensor
+        cast to ``dtype`` as it is read (fp8 upcast), so a checkpoint is not held twice."""
+        from . import loading
 
+        if loading.folder_config(path).get("_class_name") == "WanTransformer3DModel":
+            return cls.from_diffusers(path, text_len=text_len, latent_hw=latent_hw, dtype=dtype,
+                                      device=device)
+        state, meta = loading.load_files(path, key, dtype)
+        state = loading.clean_keys(state)
+        cfg = loading.wan_config(state, meta, num_heads=num_heads, text_len=text_len,
+                                 latent_hw=latent_hw, where=repr(os.fspath(path)))
+        return loading.build(cls, cfg, state, repr(os.fspath(path)), dtype, device)
 
-def _load_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    meta = {}
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        cfg_file = os.path.join(path, "config.json")
-        if os.path.exists(cfg_file):
-            with open(cfg_file) as f:
-                meta = json.load(f)
-        if not files:
-            raise ValueError(f"no .safetensors files in {path!r}")
-    else:
-        files = [path]
-    state = {}
-    for fn in files:
-        if fn.endswith(".safetensors"):
-            state.update(_load_safetensors(fn))
-        else:
-            obj = torch.load(fn, map_location="cpu", weights_only=True)
-            for key in ("generator_ema", "generator", "state_dict", "model"):
-                if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-                    obj = obj[key]
-                    break
-            state.update(obj)
-    clean = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _CHECKPOINT_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        clean[k] = v
-    clean.pop("freqs", None)
-    return clean, meta
+    @classmethod
+    def from_diffusers(cls, model_or_path, *, text_len: int | None = None,
+                       latent_hw: tuple[int, int] | None = None, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> StreamingDiT:
+        """Converts diffusers' ``WanTransformer3DModel`` (an instance, or a folder with its
+        ``config.json`` and safetensors, or a pipeline folder with ``transformer/``) into a
+        ``StreamingDiT`` with the same weights. ``text_len`` defaults to 512, the length
+        diffusers' Wan pipeline zero-pads prompts to (``max_sequence_length``); its transformer
+        itself attends to whatever text it is given, so pass padded text to compare the two.
+        Same one-chunk bidirectional forward as diffusers' (tests/test_diffusers.py); diffusers'
+        per-token timesteps (Wan2.2 TI2V) and image branch are not supported."""
+        from . import loading
 
-
-def _config_from_state(state: dict, num_heads, latent_hw) -> DiTConfig:
-    try:
-        pe = state["patch_embedding.weight"]
-        dim, in_dim = pe.shape[0], pe.shape[1]
-        layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-        ffn_dim = state["blocks.0.ffn.0.weight"].shape[0]
-        freq_dim = state["time_embedding.0.weight"].shape[1]
-        text_dim = state["text_embedding.0.weight"].shape[1]
-        out_dim = state["head.head.weight"].shape[0] // 4
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"not a Wan2.1 state dict (missing {e})") from None
-    if num_heads is None:
-        by_dim = {p.dim: p.num_heads for p in PRESETS.values()}
-        num_heads = by_dim.get(dim, {5120: 40}.get(dim, max(1, dim // 128)))
-    base = PRESETS["wan-1.3b"] if dim == PRESETS["wan-1.3b"].dim else PRESETS["tiny"]
-    return replace(base, dim=dim, num_heads=int(num_heads), num_layers=layers, ffn_dim=ffn_dim,
-                   freq_dim=freq_dim, text_dim=text_dim, in_dim=in_dim, out_dim=out_dim,
-                   cross_attn_norm="blocks.0.norm3.weight" in state,
-                   latent_hw=tuple(latent_hw) if latent_hw else base.latent_hw)
+        state, dcfg, where = loading.load_diffusers(model_or_path, dtype)
+        cfg = loading.diffusers_config(dcfg, text_len=text_len, latent_hw=latent_hw)
+        return loading.build(cls, cfg, loading.diffusers_to_wan(state), where, dtype, device)
 
 
 def config_dict(cfg: DiTConfig) -> dict:

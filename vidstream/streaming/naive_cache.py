@@ -1,5 +1,6 @@
 """``NaiveKVCache``: the bounded cache's policy computed the way most public streaming code does
-it (docs/spec.md §6), the oracle the bounded cache is tested and timed against.
+it (docs/spec.md §6), the oracle the bounded cache is tested against and the second baseline it
+is timed against (the first is ``RollingBufferCache``, the cache Self-Forcing and LongLive run).
 
 Every committed frame's keys and values are kept in one growing tensor per layer (``torch.cat``
 each chunk), and each forward pass clones the window, re-rotates it to its current positions and
