@@ -20,7 +20,7 @@
 #   c  compute-sanitizer memcheck over the smoke tests of the cuda backend, no caching
 #      allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1)                                            60 / skipped
 #   d  headline benchmarks (--headline; --tiny on the CPU in a dry run): attention, RoPE,
-#      select_blocks, low-rank, wan-1.3b streaming eager and compiled                         180 / 60
+#      select_blocks, low-rank, offsets, backward, wan-1.3b streaming eager and compiled     180 / 60
 #   e  the validation record: every op x backend x dtype whose smoke test passed (cuda: and
 #      its sanitizer run), through `python -m vidstream.validation record`; a dry run records
 #      for the architecture sm_0, which no GPU has                                              25 / 30
@@ -484,6 +484,11 @@ stage_d() {
   bench rope 20 "$PY" bench/bench_rope3d.py --device "$dev" "$size" --json "$J/"
   bench select_blocks 20 "$PY" bench/bench_select_blocks.py --device "$dev" "$size" --json "$J/"
   bench lowrank 40 "$PY" bench/bench_lowrank.py --device "$dev" "$size" --json "$J/"
+  # Positions as metadata: cached_attention with offsets against without and shift-then-attend;
+  # the streaming loop with the re-rotating cache against the metadata one.
+  bench offsets 30 "$PY" bench/bench_offsets.py --device "$dev" "$size" --json "$J/bench_offsets.json"
+  # Forward + backward against SDPA with the same mask and FlexAttention.
+  bench backward 40 "$PY" bench/bench_backward.py --device "$dev" "$size" --json "$J/"
   # End-to-end streaming, a few chunks after the runner's two-chunk warm-up: eager with the
   # PackForcing-like cache and with sink + window only; compiled with sink + window only, whose
   # cache layout repeats after a few chunks (with mid blocks every new layout is a new graph).

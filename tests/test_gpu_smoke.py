@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 import test_attention as _attn
+import test_backward as _bwd
 import test_lowrank as _lowrank
 import test_rope3d as _rope
 import test_rope3d_store as _store
@@ -25,6 +26,7 @@ import torch
 from numerics import DTYPES, assert_close_to_oracle, max_err, require, run
 
 import vidstream
+from vidstream import backend as vs_backend
 from vidstream import reference, testing
 from vidstream.ops import select_blocks as selection
 from vidstream.ops.rope_math import rope_bands
@@ -77,6 +79,23 @@ def _chunk_attention(backend, device, dtype):
         check(backend, vidstream.chunk_attention, reference.chunk_attention, (q, k, v), kw,
               f"chunk_attention {backend} {dtype} F={F} ft={ft} H={H}/{H_kv} D={D}")
 
+    def fn(q, k, v, lse=False):
+        return vidstream.chunk_attention(q, k, v, frame_tokens=7, chunk_frames=3, sink_frames=1,
+                                         window_frames=6, return_lse=lse)
+
+    _grads(backend, "chunk_attention", fn, [(1, 56, 4, 64), (1, 56, 2, 64), (1, 56, 2, 64)],
+           device, dtype)
+
+
+def _grads(backend, op, fn, shapes, device, dtype):
+    """The backward where the backend has one (the validation record then covers training too):
+    every gradient against float64 autograd of the reference, as tests/test_backward.py does."""
+    if vs_backend.op(op).no_backward(backend) is not None:
+        return
+    inputs = _bwd._draw(shapes, device)
+    _bwd._check_grads(fn, inputs, dtype, backend, "qkv",
+                      lse_max=_bwd._lse_max(lambda *a: fn(*a, lse=True), inputs))
+
 
 def _cached_attention(backend, device, dtype):
     # (B, Lq, pool tokens, H, H_kv, D, ranges)
@@ -91,6 +110,18 @@ def _cached_attention(backend, device, dtype):
         check = _check_one_key if sum(e - s for s, e in ranges) == 1 else _attn._check
         check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr), {},
               f"cached_attention {backend} {dtype} Lq={Lq} {ranges}")
+    # Positions as metadata: each range's keys read as if rope3d_shift_-ed by its offset.
+    q, k, v = _attn._qkv(2, 37, 150, 4, 2, 64, 64, dtype, device)
+    kr = torch.tensor([[120, 150], [0, 9], [30, 101]], dtype=torch.int32)
+    rope = dict(kv_deltas=[-3.0, 0.5, 7.25], t_theta=torch.tensor([1.0e4, 5.0e3]))
+    _attn._check(backend, vidstream.cached_attention, reference.cached_attention, (q, k, v, kr),
+                 rope, f"cached_attention {backend} {dtype} kv_deltas")
+
+    def fn(q, k, v, lse=False):
+        return vidstream.cached_attention(q, k, v, kr, **rope, return_lse=lse)
+
+    _grads(backend, "cached_attention", fn, [(1, 37, 4, 64), (1, 150, 2, 64), (1, 150, 2, 64)],
+           device, dtype)
     for ranges in ([], [[5, 5], [0, 0]]):  # an empty union: zeros and lse -inf
         q, k, v = _attn._qkv(1, 9, 20, 2, 1, 64, 64, dtype, device)
         kr = torch.tensor(ranges, dtype=torch.int32).reshape(-1, 2)

@@ -55,9 +55,12 @@ _TILES_16BIT = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 
 _TILES_FP32 = [(64, 32, 4, 2), (128, 32, 4, 3)]
 
 
-def _configs(tiles):
+def _configs(tiles, interpret_tile: int = 32):
+    """Autotune configs of (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles; the backward
+    (attention_backward.py) uses it too."""
     if _INTERPRET:  # every config would run under the interpreter: one small one
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": interpret_tile, "BLOCK_N": interpret_tile}, num_warps=4,
+                              num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in tiles]
     # VIDSTREAM_TRITON_AUTOTUNE=first: the first config alone, no autotuning (bench/gpu_check.sh,
@@ -126,7 +129,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
         # keys; v is not modified, so the product still reads it from its pipelined buffer.
         acc = acc * alpha[:, None]
         if tl.sum((~(tl.abs(v.to(tl.float32)) < float("inf"))).to(tl.int32)) > 0:
-            acc += _allowed_pv(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N, DV, BLOCK_DV)
+            acc += _allowed_dot(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N, DV, BLOCK_DV)
         elif IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         else:
@@ -177,22 +180,25 @@ def _range_rotation(tab_ptr, BLOCK_D: tl.constexpr, C_T: tl.constexpr):
 
 
 @triton.jit
-def _allowed_pv(p, ok, v_ptr, sv_l, n0, range_end, BLOCK_N: tl.constexpr, DV: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
-    """sum over keys j of p[:, j] * v[j], each row over the keys it may see (``ok``) only: IEEE
-    there (NaN and Inf propagate, 0 * Inf is NaN), nothing from the others."""
-    offs_e = tl.arange(0, BLOCK_DV)
-    cols = tl.arange(0, BLOCK_N)
-    pv = tl.zeros([p.shape[0], BLOCK_DV], dtype=tl.float32)
-    for jj in range(0, BLOCK_N):
-        key = n0 + jj + 0 * offs_e
-        v_row = tl.load(v_ptr + key * sv_l + offs_e, mask=(offs_e < DV) & (key < range_end),
+def _allowed_dot(w, ok, x_ptr, sx, i0, n_rows, BLOCK_K: tl.constexpr, E: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """sum over kk of w[:, kk] * x[i0 + kk, :] taken only where ok[:, kk] (w [R, BLOCK_K] float32,
+    x rows of E channels at x_ptr + row * sx, rows from n_rows on read as 0): w @ x, each output
+    row over the rows of x it may read only, IEEE there (NaN and Inf propagate, 0 * Inf is NaN),
+    nothing from the others, which a dot would let in as 0 * NaN. P @ V in the forward; dS @ K,
+    dS^T @ Q, P^T @ dO in the backward; used only on tiles whose mask differs by row."""
+    offs_e = tl.arange(0, BLOCK_E)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([w.shape[0], BLOCK_E], dtype=tl.float32)
+    for kk in range(0, BLOCK_K):
+        row = i0 + kk + 0 * offs_e
+        x_row = tl.load(x_ptr + row * sx + offs_e, mask=(offs_e < E) & (row < n_rows),
                         other=0.0).to(tl.float32)
-        pick = (cols == jj)[None, :]
-        p_j = tl.sum(tl.where(pick, p, 0.0), 1)
-        ok_j = tl.sum((pick & ok).to(tl.int32), 1) > 0
-        pv += tl.where(ok_j[:, None], p_j[:, None] * v_row[None, :], 0.0)
-    return pv
+        pick = (cols == kk)[None, :]
+        w_k = tl.sum(tl.where(pick, w, 0.0), 1)
+        ok_k = tl.sum((pick & ok).to(tl.int32), 1) > 0
+        acc += tl.where(ok_k[:, None], w_k[:, None] * x_row[None, :], 0.0)
+    return acc
 
 
 @triton.jit

@@ -65,6 +65,10 @@ from torch.library import triton_op, wrap_triton
 
 from vidstream.ops.rope_math import cos_sin, rope_bands, temporal_angles
 
+# The forward's P @ V for rows with different masks, its autotune configs and layout rule
+# (kernels address the head dim with unit stride; other strides, 0 included, are passed).
+from .attention import _allowed_dot, _configs, _inner
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Under the interpreter every config would run: one, with 16-row tiles so that the tests' small
@@ -79,41 +83,7 @@ _TILES_16BIT = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)
 _TILES_FP32 = [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)]
 
 
-def _configs(tiles):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": INTERPRET_TILE, "BLOCK_N": INTERPRET_TILE}, num_warps=4,
-                              num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in tiles]
-    # The same switch as the forward's (triton_kernels/attention.py): 'first' = no autotuning.
-    mode = os.environ.get("VIDSTREAM_TRITON_AUTOTUNE", "all")
-    if mode not in ("all", "first"):
-        raise ValueError(f"VIDSTREAM_TRITON_AUTOTUNE must be 'all' or 'first', got {mode!r}")
-    return configs[:1] if mode == "first" else configs
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _allowed_dot(w, ok, x_ptr, sx, i0, n_rows, BLOCK_K: tl.constexpr, E: tl.constexpr,
-                 BLOCK_E: tl.constexpr):
-    """sum over kk of w[:, kk] * x[i0 + kk, :] taken only where ok[:, kk] (w [R, BLOCK_K] float32,
-    x rows of E channels at x_ptr + row * sx): w @ x without the 0 * NaN / 0 * Inf that a dot
-    would let through from a row of x that this output may not read. Used only on tiles whose
-    mask differs by row and whose x holds a NaN or Inf."""
-    offs_e = tl.arange(0, BLOCK_E)
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([w.shape[0], BLOCK_E], dtype=tl.float32)
-    for kk in range(0, BLOCK_K):
-        row = i0 + kk + 0 * offs_e
-        x_row = tl.load(x_ptr + row * sx + offs_e, mask=(offs_e < E) & (row < n_rows),
-                        other=0.0).to(tl.float32)
-        pick = (cols == kk)[None, :]
-        w_k = tl.sum(tl.where(pick, w, 0.0), 1)
-        ok_k = tl.sum((pick & ok).to(tl.int32), 1) > 0
-        acc += tl.where(ok_k[:, None], w_k[:, None] * x_row[None, :], 0.0)
-    return acc
 
 
 @triton.jit
@@ -556,7 +526,8 @@ def _cached_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, r
 # writes each output element exactly once (no accumulation across launches), so the autotuner's
 # repeated benchmark launches leave correct results.
 def _tuned(kernel, key: list) -> dict:
-    return {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT),
+    return {ieee: triton.autotune(configs=_configs(_TILES_FP32 if ieee else _TILES_16BIT,
+                                                   INTERPRET_TILE),
                                   key=key)(kernel) for ieee in (False, True)}
 
 
@@ -568,12 +539,6 @@ _DELTA_ROWS = 16 if _INTERPRET else 64
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _inner(t: torch.Tensor) -> torch.Tensor:
-    # Kernels address the head dim with unit stride; other strides are passed (0 included: the
-    # dout of a sum() is an expanded tensor).
-    return t if t.stride(3) == 1 else t.contiguous()
 
 
 def _strides(*ts) -> tuple:

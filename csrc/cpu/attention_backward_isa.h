@@ -1,6 +1,6 @@
 // The tile kernels of the attention backward (csrc/cpu/attention_backward.cpp), written once with
 // GCC vector extensions and compiled once per instruction set by cpu/isa_dispatch.h. No include
-// guard and no includes (see isa_dispatch.h).
+// guard and no includes but the ISA body's own cpu/vec_isa.h (see isa_dispatch.h).
 //
 // Two entry points share one recomputation of a (query tile x key block) of probabilities,
 //   P = exp(scale q.k - lse),  dP = dout.v,  dS = P (dP - Delta):
@@ -8,27 +8,11 @@
 // that attends it; query_tile owns a tile of queries and sums dQ = scale dS k over the key blocks
 // it attends. Each output element has one owner, so no thread ever adds into another's.
 //
-// Copied from cpu/attention_isa.h (the forward): the vector types and register constants,
-// splat/loadv/storev/vmax and the exp2v polynomial (here expv, reduced in natural units). The
-// GEMM differs (two-level sums in registers, optionally A transposed). Duplicated rather than
-// included: the forward body is being edited concurrently; the two can share one header later.
+// The vector types and helpers are the forward's (cpu/vec_isa.h); the exponential is the
+// forward's polynomial reduced in natural units (expv), the GEMM its own (two-level sums in
+// registers, optionally A transposed).
 
-constexpr int VS = kVectorBytes / 4;
-constexpr int MR = VS == 8 ? 6 : 4;
-constexpr int NC = VS == 16 ? 4 : 2;
-
-typedef float vf __attribute__((vector_size(VS * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VS * 4), aligned(4)));
-
-constexpr int64_t kCols = VS * NC;  // columns of one register tile
-
-static inline vf splat(float x) { return vf{} + x; }
-static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
-static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-static inline vf vmax(vf a, vf b) {
-  const vi m = a > b;
-  return (vf)(((vi)a & m) | ((vi)b & ~m));
-}
+#include "cpu/vec_isa.h"
 
 // e^x for x <= 0 (a score minus its row's lse), ~1 ulp; below -87 (and -inf) gives 0, NaN
 // gives NaN. The forward's exp2v polynomial, but reduced in natural units (Cody-Waite: n ln2 in

@@ -1,26 +1,8 @@
 // The tiled online-softmax attention kernel of csrc/cpu/attention.cpp, written once with GCC
 // vector extensions and compiled once per instruction set by cpu/isa_dispatch.h. No include
-// guard and no includes (see isa_dispatch.h).
+// guard and no includes but the ISA body's own cpu/vec_isa.h (see isa_dispatch.h).
 
-// The register tile: MR rows by NC vectors of VS floats, as many accumulators as the ISA's
-// vector registers hold beside the operands (32 zmm: 4 x 4; 16 ymm: 6 x 2; 16 xmm: 4 x 2).
-constexpr int VS = kVectorBytes / 4;
-constexpr int MR = VS == 8 ? 6 : 4;
-constexpr int NC = VS == 16 ? 4 : 2;
-
-typedef float vf __attribute__((vector_size(VS * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VS * 4), aligned(4)));
-
-constexpr int64_t kCols = VS * NC;  // columns of one register tile
-
-static inline vf splat(float x) { return vf{} + x; }
-static inline vf loadv(const float* p) { return *reinterpret_cast<const vf*>(p); }
-static inline void storev(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-// a > b ? a : b (one max instruction): a NaN in b comes out, a NaN in a does not.
-static inline vf vmax(vf a, vf b) {
-  const vi m = a > b;
-  return (vf)(((vi)a & m) | ((vi)b & ~m));
-}
+#include "cpu/vec_isa.h"
 
 // 2^x for x <= 0 (scores minus their running max), ~1 ulp; below -126 (and -inf) gives 0, NaN
 // gives NaN (the clamp keeps it, as its NaN operand is the second; the polynomial carries it
