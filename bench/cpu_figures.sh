@@ -18,3 +18,4 @@ run bench/bench_lowrank.py --device cpu --quick --json "$R/bench_lowrank_cpu_qui
 run bench/bench_stream.py --preset tiny --device cpu --json "$R/bench_stream_tiny_cpu.json" \
   --plot "$R/bench_stream_tiny_cpu.png"
 run bench/bench_offsets.py --json "$R/bench_offsets_cpu.json"
+run bench/bench_backward.py --device cpu --threads 1 --quick --json "$R/backward_cpu.json"
