@@ -27,7 +27,6 @@ from vidstream.streaming.naive_cache import NaiveKVCache
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-
 @contextlib.contextmanager
 def on_backend(name):
     """Runs the block on backend ``name`` (None: the default)."""
