@@ -24,16 +24,7 @@ static inline vf expv(vf x) {
   x = vmax(splat(-87.f), x);
   const vf n = (x * 1.4426950408889634f + 12582912.f) - 12582912.f;  // round(x / ln2)
   const vf f = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln2, in [-ln2/2, ln2/2]
-  vf p = splat(1.f / 5040.f);
-  p = p * f + (1.f / 720.f);
-  p = p * f + (1.f / 120.f);
-  p = p * f + (1.f / 24.f);
-  p = p * f + (1.f / 6.f);
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return (vf)((vi)(p * (vf)e) & ~under);
+  return exp_poly(f, n, under);
 }
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -13,16 +13,7 @@ static inline vf exp2v(vf x) {
   x = vmax(splat(-126.f), x);
   const vf n = (x + 12582912.f) - 12582912.f;  // round to nearest integer
   const vf f = (x - n) * 0.69314718055994531f;  // in [-ln2/2, ln2/2]
-  vf p = splat(1.f / 5040.f);
-  p = p * f + (1.f / 720.f);
-  p = p * f + (1.f / 120.f);
-  p = p * f + (1.f / 24.f);
-  p = p * f + (1.f / 6.f);
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return (vf)((vi)(p * (vf)e) & ~under);
+  return exp_poly(f, n, under);
 }
 
 // C[M, N] (+)= A[M, K] . B[K, N], row-major float; M % MR == 0, N % kCols == 0. The MR x NC

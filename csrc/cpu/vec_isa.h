@@ -21,3 +21,19 @@ static inline vf vmax(vf a, vf b) {
   const vi m = a > b;
   return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
+
+// e^f * 2^n for f in [-ln2/2, ln2/2] and an integral n, ~1 ulp, 0 where `under` is set: the end
+// both exponentials of the attention kernels share (the forward's exp2v and the backward's
+// expv differ only in how they reduce x to f and n).
+static inline vf exp_poly(vf f, vf n, vi under) {
+  vf p = splat(1.f / 5040.f);
+  p = p * f + (1.f / 720.f);
+  p = p * f + (1.f / 120.f);
+  p = p * f + (1.f / 24.f);
+  p = p * f + (1.f / 6.f);
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return (vf)((vi)(p * (vf)e) & ~under);
+}
