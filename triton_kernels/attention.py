@@ -73,18 +73,15 @@ def _configs(tiles, interpret_tile: int = 32):
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, offs_m, qk_scale,
-                  ft, cf, sink, window,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  MASKED: tl.constexpr, CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  IEEE: tl.constexpr, k_cos=1.0, k_sin=0.0, HAS_DELTAS: tl.constexpr = False,
-                  C_T: tl.constexpr = 0):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+def _load_kv(k_ptr, v_ptr, sk_l, sv_l, offs_n, key_end, D: tl.constexpr, DV: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr):
+    """The key and value rows offs_n (channels padded to BLOCK_D / BLOCK_DV with zeros); with
+    MASKED, rows from key_end on are zeros and never read, so a NaN there cannot enter. The
+    forward and the backward (attention_backward.py) load their tiles with it."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_DV)
-    if MASKED:  # keys past the range end are never read: a NaN there cannot enter
-        in_range = offs_n < range_end
+    if MASKED:
+        in_range = offs_n < key_end
         k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
                     mask=in_range[:, None] & (offs_d < D)[None, :], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
@@ -94,6 +91,20 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
                     mask=(offs_d < D)[None, :], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
                     mask=(offs_e < DV)[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, offs_m, qk_scale,
+                  ft, cf, sink, window,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  MASKED: tl.constexpr, CHUNK_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  IEEE: tl.constexpr, k_cos=1.0, k_sin=0.0, HAS_DELTAS: tl.constexpr = False,
+                  C_T: tl.constexpr = 0):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k, v = _load_kv(k_ptr, v_ptr, sk_l, sv_l, offs_n, range_end, D, DV, BLOCK_D, BLOCK_DV, MASKED)
     if HAS_DELTAS:
         k = _rotate_band(k, k_ptr, offs_n, offs_d, sk_l, range_end, k_cos, k_sin, MASKED, C_T)
     if IEEE:
@@ -102,7 +113,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, sk_l, sv_l, n0, range_end, off
         s = tl.dot(q, tl.trans(k))
     s = s * qk_scale
     if MASKED:
-        ok = in_range[None, :]
+        ok = (offs_n < range_end)[None, :]
         if CHUNK_MASK:
             frame_i = offs_m // ft
             chunk_i = frame_i // cf

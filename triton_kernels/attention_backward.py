@@ -65,9 +65,10 @@ from torch.library import triton_op, wrap_triton
 
 from vidstream.ops.rope_math import cos_sin, rope_bands, temporal_angles
 
-# The forward's P @ V for rows with different masks, its autotune configs and layout rule
-# (kernels address the head dim with unit stride; other strides, 0 included, are passed).
-from .attention import _allowed_dot, _configs, _inner
+# The forward's P @ V for rows with different masks, its key/value tile load, its autotune
+# configs and layout rule (kernels address the head dim with unit stride; other strides, 0
+# included, are passed).
+from .attention import _allowed_dot, _configs, _inner, _load_kv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -343,26 +344,14 @@ def _dq_block(dq, q, do, lse, delta, offs_m, k_ptr, v_ptr, sk_l, sv_l, n0, key_e
     """One key block [n0, n0 + BLOCK_N) of a range ending at key_end against the program's
     queries: dq [BLOCK_M, BLOCK_D] float32 accumulator."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_DV)
-    if MASKED:  # keys past the range end are never read
-        in_range = offs_n < key_end
-        k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
-                    mask=in_range[:, None] & (offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
-                    mask=in_range[:, None] & (offs_e < DV)[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptr + offs_n[:, None] * sk_l + offs_d[None, :],
-                    mask=(offs_d < D)[None, :], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * sv_l + offs_e[None, :],
-                    mask=(offs_e < DV)[None, :], other=0.0)
+    k, v = _load_kv(k_ptr, v_ptr, sk_l, sv_l, offs_n, key_end, D, DV, BLOCK_D, BLOCK_DV, MASKED)
     if HAS_DELTA:
         k = _rotate(k.to(tl.float32), cos, sin, C_T, BLOCK_N, BLOCK_D).to(k.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     p = tl.math.exp2((s - lse[:, None]) * 1.4426950408889634)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
     if MASKED:
-        ok = in_range[None, :]
+        ok = (offs_n < key_end)[None, :]
         if CHUNK_MASK:  # docs/spec.md §1
             chunk_i = offs_m // ft // cf
             frame_j = offs_n // ft
